@@ -1,0 +1,30 @@
+//! Criterion benchmarks of the conv3d forward workloads (W1, W2, W3) on the default
+//! adapter; `masnet-wgpu bench conv` runs the same workloads and prints GFLOP/s.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use masnet_wgpu::bench::{bench_conv_forward, conv_workloads};
+use masnet_wgpu::ops::Conv3dVariant;
+use masnet_wgpu::GpuContext;
+use std::time::Duration;
+
+fn conv3d_forward(c: &mut Criterion) {
+    let ctx = GpuContext::from_env().expect("a GPU adapter (see `masnet-wgpu info`)");
+    let mut g = c.benchmark_group("conv3d");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    for w in conv_workloads() {
+        g.bench_function(w.name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let r = bench_conv_forward(&ctx, &w, Conv3dVariant::Auto, 1).expect("bench");
+                    total += Duration::from_secs_f64(r.ms / 1e3);
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, conv3d_forward);
+criterion_main!(benches);

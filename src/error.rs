@@ -1,0 +1,48 @@
+//! The crate's error type: every failure names what it was about.
+
+use thiserror::Error;
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// No GPU adapter could be found or opened.
+    #[error("no GPU adapter: {0}")]
+    NoAdapter(String),
+    /// The device could not be created or was lost.
+    #[error("GPU device error: {0}")]
+    Device(String),
+    /// A tensor shape does not fit the operation.
+    #[error("shape error: {0}")]
+    Shape(String),
+    /// An argument is outside its valid range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A buffer would exceed the adapter's limits.
+    #[error("GPU limit exceeded: {0}")]
+    Limit(String),
+    /// wgpu reported a validation or out-of-memory error.
+    #[error("GPU error in {context}: {message}")]
+    Gpu {
+        /// What the engine was doing.
+        context: String,
+        /// wgpu's own message.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// Result alias for the engine.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Shorthand for a shape error with a formatted message.
+#[macro_export]
+macro_rules! shape_err {
+    ($($arg:tt)*) => { $crate::error::Error::Shape(format!($($arg)*)) };
+}

@@ -1,0 +1,119 @@
+//! A pool of storage buffers in size classes, so a training loop reuses buffers
+//! instead of allocating every step.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Usage of every tensor buffer: bound as storage, copied to and from.
+pub const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
+/// Free buffers by size class.
+#[derive(Default, Clone)]
+pub struct BufferPool {
+    free: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
+}
+
+/// Rounds a byte size up to its class: at most 1/8 (12.5 %) larger, multiple of 256.
+pub fn size_class(bytes: u64) -> u64 {
+    let b = bytes.max(256);
+    let top = 63 - b.leading_zeros() as u64;
+    let step = if top >= 3 { 1u64 << (top - 3) } else { 1 }.max(256);
+    b.div_ceil(step) * step
+}
+
+impl BufferPool {
+    /// A buffer of at least `bytes`, reused when one of its class is free.
+    pub fn take(&self, device: &wgpu::Device, bytes: u64) -> PooledBuffer {
+        let class = size_class(bytes);
+        let reused = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get_mut(&class).and_then(|v| v.pop()));
+        let buffer = reused.unwrap_or_else(|| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tensor"),
+                size: class,
+                usage: TENSOR_USAGE,
+                mapped_at_creation: false,
+            })
+        });
+        PooledBuffer {
+            buffer: Some(buffer),
+            pool: self.clone(),
+        }
+    }
+
+    /// Bytes currently held free in the pool.
+    pub fn free_bytes(&self) -> u64 {
+        self.free
+            .lock()
+            .map(|m| m.iter().map(|(c, v)| c * v.len() as u64).sum())
+            .unwrap_or(0)
+    }
+
+    /// Releases every free buffer to the driver.
+    pub fn trim(&self) {
+        if let Ok(mut m) = self.free.lock() {
+            m.clear();
+        }
+    }
+
+    fn give_back(&self, buffer: wgpu::Buffer) {
+        if let Ok(mut m) = self.free.lock() {
+            m.entry(buffer.size()).or_default().push(buffer);
+        }
+    }
+}
+
+/// A buffer on loan from the pool; returned to it on drop.
+pub struct PooledBuffer {
+    buffer: Option<wgpu::Buffer>,
+    pool: BufferPool,
+}
+
+impl PooledBuffer {
+    /// The underlying wgpu buffer.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("buffer present until drop")
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.buffer.take() {
+            self.pool.give_back(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_cover_and_bound_waste() {
+        for bytes in [
+            1u64,
+            255,
+            256,
+            257,
+            1000,
+            4096,
+            5000,
+            1 << 20,
+            (1 << 20) + 1,
+            123_456_789,
+        ] {
+            let c = size_class(bytes);
+            assert!(c >= bytes, "{bytes} -> {c}");
+            assert_eq!(c % 256, 0);
+            assert!(
+                c as f64 <= (bytes.max(256) as f64) * 1.125 + 256.0,
+                "{bytes} -> {c}"
+            );
+        }
+    }
+}

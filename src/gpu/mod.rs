@@ -1,0 +1,297 @@
+//! GPU context: instance, adapter choice, device with the adapter's real limits,
+//! captured wgpu errors, and the pipeline cache and buffer pool every op uses.
+
+mod buffer_pool;
+mod dispatch;
+mod pipeline;
+
+pub use buffer_pool::{BufferPool, PooledBuffer};
+pub use dispatch::{workgroup_grid, WorkgroupGrid};
+pub use pipeline::{Binding, CachedPipeline, PipelineCache, PipelineKey};
+
+/// A borrowed compiled pipeline.
+pub type CachedPipelineRef<'a> = &'a CachedPipeline;
+
+use crate::error::{Error, Result};
+use std::sync::{Arc, Mutex};
+
+/// Which graphics API to open an adapter on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// Every native backend; the best adapter wins.
+    #[default]
+    Auto,
+    /// Vulkan (Linux, Windows, Android; lavapipe on headless Linux).
+    Vulkan,
+    /// Metal (macOS, iOS).
+    Metal,
+    /// Direct3D 12 (Windows).
+    Dx12,
+    /// OpenGL / GLES, the last resort.
+    Gl,
+}
+
+impl BackendChoice {
+    /// Parses `auto|vulkan|metal|dx12|gl` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Self::Auto),
+            "vulkan" | "vk" => Ok(Self::Vulkan),
+            "metal" | "mtl" => Ok(Self::Metal),
+            "dx12" | "d3d12" => Ok(Self::Dx12),
+            "gl" | "gles" | "opengl" => Ok(Self::Gl),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown backend '{other}' (expected auto, vulkan, metal, dx12 or gl)"
+            ))),
+        }
+    }
+
+    fn backends(self) -> wgpu::Backends {
+        match self {
+            Self::Auto => {
+                wgpu::Backends::VULKAN
+                    | wgpu::Backends::METAL
+                    | wgpu::Backends::DX12
+                    | wgpu::Backends::GL
+            }
+            Self::Vulkan => wgpu::Backends::VULKAN,
+            Self::Metal => wgpu::Backends::METAL,
+            Self::Dx12 => wgpu::Backends::DX12,
+            Self::Gl => wgpu::Backends::GL,
+        }
+    }
+}
+
+/// How to pick the adapter; `from_env` fills unset fields from `MASNET_BACKEND`/`MASNET_ADAPTER`.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Backend filter.
+    pub backend: BackendChoice,
+    /// Index into the list printed by `masnet-wgpu info` (after the backend filter).
+    pub adapter: Option<usize>,
+    /// Disable the subgroup kernels even where the adapter supports them.
+    pub no_subgroups: bool,
+}
+
+impl GpuOptions {
+    /// Options from `MASNET_BACKEND` and `MASNET_ADAPTER`.
+    pub fn from_env() -> Result<Self> {
+        let mut o = Self::default();
+        if let Ok(b) = std::env::var("MASNET_BACKEND") {
+            o.backend = BackendChoice::parse(&b)?;
+        }
+        if let Ok(a) = std::env::var("MASNET_ADAPTER") {
+            o.adapter = Some(a.trim().parse().map_err(|_| {
+                Error::InvalidArgument(format!("MASNET_ADAPTER='{a}' is not an adapter index"))
+            })?);
+        }
+        Ok(o)
+    }
+}
+
+/// One adapter as listed by `masnet-wgpu info`.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    /// Position in the enumeration (what `--adapter` takes).
+    pub index: usize,
+    /// wgpu's adapter info (name, backend, device type, driver).
+    pub info: wgpu::AdapterInfo,
+    /// The adapter's real limits.
+    pub limits: wgpu::Limits,
+    /// Whether compute subgroup operations are available.
+    pub subgroups: bool,
+}
+
+const NO_ADAPTER_HINT: &str = "no Vulkan, Metal, DX12 or GL adapter was found. On headless Linux \
+install Mesa's software Vulkan driver (lavapipe): `apt-get install -y mesa-vulkan-drivers libvulkan1`";
+
+fn instance(backend: BackendChoice) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backend.backends();
+    wgpu::Instance::new(desc)
+}
+
+fn rank(info: &wgpu::AdapterInfo) -> (u32, u32) {
+    let ty = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    // GL lacks subgroups and is slower to drive: last among equals.
+    let be = u32::from(info.backend == wgpu::Backend::Gl);
+    (ty, be)
+}
+
+fn enumerate(backend: BackendChoice) -> Vec<wgpu::Adapter> {
+    let inst = instance(backend);
+    let mut adapters = pollster::block_on(inst.enumerate_adapters(backend.backends()));
+    // Stable order: best first, so index 0 is what Auto picks.
+    adapters.sort_by_key(|a| rank(&a.get_info()));
+    adapters
+}
+
+/// Lists every adapter visible under `backend`, best first.
+pub fn list_adapters(backend: BackendChoice) -> Vec<AdapterSummary> {
+    enumerate(backend)
+        .into_iter()
+        .enumerate()
+        .map(|(index, a)| AdapterSummary {
+            index,
+            info: a.get_info(),
+            limits: a.limits(),
+            subgroups: a.features().contains(wgpu::Features::SUBGROUP),
+        })
+        .collect()
+}
+
+/// The device, queue and shared caches that every op runs on.
+pub struct GpuContext {
+    /// The wgpu device.
+    pub device: wgpu::Device,
+    /// Its queue.
+    pub queue: wgpu::Queue,
+    /// Adapter name, backend, driver.
+    pub info: wgpu::AdapterInfo,
+    /// The limits the device was opened with (the adapter's own).
+    pub limits: wgpu::Limits,
+    /// Whether subgroup kernels may be used.
+    pub subgroups: bool,
+    /// Subgroup size when the adapter has one fixed size.
+    pub subgroup_size: Option<u32>,
+    /// Compiled pipelines keyed by shader and constants.
+    pub pipelines: PipelineCache,
+    /// Reusable buffers.
+    pub pool: BufferPool,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl GpuContext {
+    /// Opens the adapter chosen by `opts` (best one by default).
+    pub fn new(opts: &GpuOptions) -> Result<Self> {
+        let mut adapters = enumerate(opts.backend);
+        if adapters.is_empty() {
+            return Err(Error::NoAdapter(NO_ADAPTER_HINT.to_string()));
+        }
+        let idx = opts.adapter.unwrap_or(0);
+        if idx >= adapters.len() {
+            return Err(Error::NoAdapter(format!(
+                "adapter index {idx} requested but only {} adapter(s) found for backend {:?} \
+                 (see `masnet-wgpu info`)",
+                adapters.len(),
+                opts.backend
+            )));
+        }
+        let adapter = adapters.swap_remove(idx);
+        Self::from_adapter(adapter, opts)
+    }
+
+    /// Opens the best adapter with options from the environment.
+    pub fn from_env() -> Result<Self> {
+        Self::new(&GpuOptions::from_env()?)
+    }
+
+    fn from_adapter(adapter: wgpu::Adapter, opts: &GpuOptions) -> Result<Self> {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let has_sub = adapter.features().contains(wgpu::Features::SUBGROUP) && !opts.no_subgroups;
+        let features = if has_sub {
+            wgpu::Features::SUBGROUP
+        } else {
+            wgpu::Features::empty()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("masnet-wgpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Device(format!("cannot open '{}': {e}", info.name)))?;
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        // wgpu panics on uncaptured errors by default; record them and report as Err instead.
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let subgroup_size = (has_sub
+            && info.subgroup_min_size == info.subgroup_max_size
+            && info.subgroup_min_size.is_power_of_two())
+        .then_some(info.subgroup_min_size);
+        Ok(Self {
+            pipelines: PipelineCache::default(),
+            pool: BufferPool::default(),
+            device,
+            queue,
+            info,
+            limits,
+            subgroups: has_sub,
+            subgroup_size,
+            errors,
+        })
+    }
+
+    /// A one-line description: name, backend, device type.
+    pub fn adapter_name(&self) -> String {
+        format!(
+            "{} ({:?}, {:?})",
+            self.info.name, self.info.backend, self.info.device_type
+        )
+    }
+
+    /// Returns the first wgpu error recorded since the last call, naming `context`.
+    pub fn check(&self, context: &str) -> Result<()> {
+        let mut v = self
+            .errors
+            .lock()
+            .map_err(|_| Error::Device("error sink poisoned".into()))?;
+        if v.is_empty() {
+            return Ok(());
+        }
+        let message = v.join("; ");
+        v.clear();
+        Err(Error::Gpu {
+            context: context.to_string(),
+            message,
+        })
+    }
+
+    /// Starts recording commands; ops append passes to it, [`GpuContext::submit`] runs them.
+    pub fn recorder(&self) -> Recorder {
+        Recorder {
+            encoder: self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }),
+        }
+    }
+
+    /// Submits recorded work (does not wait).
+    pub fn submit(&self, rec: Recorder) -> wgpu::SubmissionIndex {
+        self.queue.submit([rec.encoder.finish()])
+    }
+
+    /// Blocks until all submitted work finished, then reports captured errors.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(format!("wait failed: {e}")))?;
+        self.check("GPU work")
+    }
+
+    /// Largest buffer an op may bind as one storage buffer.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+}
+
+/// Commands being recorded for one submission.
+pub struct Recorder {
+    /// The wgpu encoder; ops add compute passes to it.
+    pub encoder: wgpu::CommandEncoder,
+}

@@ -1,0 +1,12 @@
+//! Operations: each has a WGSL kernel, a launcher that validates its inputs, and a
+//! plain-loop CPU reference used by tests (and by users who want to compare).
+
+pub mod conv3d;
+pub(crate) mod params;
+
+pub use conv3d::{conv3d, conv3d_forward, Conv3dSpec, Conv3dVariant};
+
+/// Every shader the engine compiles, in its specialised forms (name, WGSL source).
+pub fn shader_variants() -> Vec<(String, String)> {
+    conv3d::shader_variants()
+}

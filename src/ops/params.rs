@@ -1,0 +1,58 @@
+//! Small helpers shared by op launchers: uniform buffers and bind groups.
+
+use crate::gpu::{CachedPipelineRef, GpuContext, Recorder, WorkgroupGrid};
+use wgpu::util::DeviceExt;
+
+/// Uploads a `u32` parameter block as a uniform buffer (padded to 16 bytes).
+pub(crate) fn uniform_u32(ctx: &GpuContext, values: &[u32]) -> wgpu::Buffer {
+    let mut v = values.to_vec();
+    while !v.len().is_multiple_of(4) {
+        v.push(0);
+    }
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: bytemuck::cast_slice(&v),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+}
+
+/// Binds `buffers` (buffer, bytes) in order to group 0 and records one dispatch of `grid`.
+pub(crate) fn dispatch(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    pipe: CachedPipelineRef<'_>,
+    buffers: &[(&wgpu::Buffer, u64)],
+    grid: WorkgroupGrid,
+) {
+    if grid.total == 0 {
+        return;
+    }
+    let entries: Vec<wgpu::BindGroupEntry> = buffers
+        .iter()
+        .enumerate()
+        .map(|(i, (b, bytes))| wgpu::BindGroupEntry {
+            binding: i as u32,
+            // Bind only the tensor's bytes: pooled buffers are rounded up.
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: b,
+                offset: 0,
+                size: std::num::NonZeroU64::new(*bytes),
+            }),
+        })
+        .collect();
+    let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipe.layout,
+        entries: &entries,
+    });
+    let mut pass = rec
+        .encoder
+        .begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: None,
+        });
+    pass.set_pipeline(&pipe.pipeline);
+    pass.set_bind_group(0, &bg, &[]);
+    pass.dispatch_workgroups(grid.dims[0], grid.dims[1], grid.dims[2]);
+}

@@ -1,0 +1,280 @@
+//! GPU conv3d forward against the CPU reference: every MixACB kernel shape, odd
+//! sizes, stride 2, asymmetric padding, channel offsets, N > 1, odd channel counts,
+//! both kernel variants; and bad input returning errors.
+
+mod common;
+
+use common::{assert_close, gpu, random};
+use masnet_wgpu::ops::conv3d::{conv3d_forward, conv3d_forward_cpu, Conv3dSpec, Conv3dVariant};
+use masnet_wgpu::{GpuContext, Shape5, Tensor};
+
+/// Relative and absolute tolerance of GPU f32 against the f64-accumulated reference.
+const RTOL: f32 = 1e-4;
+const ATOL: f32 = 1e-5;
+
+struct Case {
+    n: usize,
+    cin_total: usize,
+    in_off: usize,
+    cin: usize,
+    cout: usize,
+    out_total: usize,
+    out_off: usize,
+    size: [usize; 3],
+    kernel: [usize; 3],
+    spec: Conv3dSpec,
+    bias: bool,
+}
+
+fn run_case(ctx: &GpuContext, c: &Case, variant: Conv3dVariant, seed: u64) {
+    let [d, h, w] = c.size;
+    let x = random([c.n, c.cin_total, d, h, w], seed);
+    let [kd, kh, kw] = c.kernel;
+    let wt = random([c.cout, c.cin, kd, kh, kw], seed + 1);
+    let b: Vec<f32> = random([1, c.cout, 1, 1, 1], seed + 2)
+        .iter()
+        .copied()
+        .collect();
+    let bias = c.bias.then_some(b.as_slice());
+    let want = conv3d_forward_cpu(&x, c.in_off, &wt, bias, &c.spec).unwrap();
+    let [_, _, od, oh, ow] = [
+        want.shape()[0],
+        want.shape()[1],
+        want.shape()[2],
+        want.shape()[3],
+        want.shape()[4],
+    ];
+
+    let xt = Tensor::from_array(ctx, &x, "x").unwrap();
+    let wt_t = Tensor::from_array(ctx, &wt, "w").unwrap();
+    let bt = Tensor::from_slice(ctx, Shape5::new(1, c.cout, 1, 1, 1), &b, "b").unwrap();
+    // Fill the output with a sentinel so writes outside the channel range are caught.
+    let oshape = Shape5::new(c.n, c.out_total, od, oh, ow);
+    let sentinel = vec![7.5f32; oshape.numel().unwrap()];
+    let out = Tensor::from_slice(ctx, oshape, &sentinel, "out").unwrap();
+    let mut rec = ctx.recorder();
+    conv3d_forward(
+        ctx,
+        &mut rec,
+        xt.channels(c.in_off, c.cin).unwrap(),
+        &wt_t,
+        c.bias.then_some(&bt),
+        out.channels(c.out_off, c.cout).unwrap(),
+        &c.spec,
+        variant,
+    )
+    .unwrap();
+    ctx.submit(rec);
+    let got = out.to_array(ctx).unwrap();
+    for nn in 0..c.n {
+        for ch in 0..c.out_total {
+            let g: Vec<f32> = got
+                .slice(ndarray::s![nn, ch, .., .., ..])
+                .iter()
+                .copied()
+                .collect();
+            if ch >= c.out_off && ch < c.out_off + c.cout {
+                let e: Vec<f32> = want
+                    .slice(ndarray::s![nn, ch - c.out_off, .., .., ..])
+                    .iter()
+                    .copied()
+                    .collect();
+                assert_close(
+                    &g,
+                    &e,
+                    RTOL,
+                    ATOL,
+                    &format!("{variant:?} k{:?} n{nn} c{ch}", c.kernel),
+                );
+            } else {
+                assert!(
+                    g.iter().all(|&v| v == 7.5),
+                    "channel {ch} outside the range was written"
+                );
+            }
+        }
+    }
+}
+
+fn variants(ctx: &GpuContext) -> Vec<Conv3dVariant> {
+    let mut v = vec![Conv3dVariant::Tiled];
+    if ctx.subgroup_size.is_some_and(|s| s >= 8) {
+        v.push(Conv3dVariant::Subgroup);
+    }
+    v
+}
+
+fn simple(kernel: [usize; 3], size: [usize; 3], cin: usize, cout: usize) -> Case {
+    Case {
+        n: 2,
+        cin_total: cin,
+        in_off: 0,
+        cin,
+        cout,
+        out_total: cout,
+        out_off: 0,
+        size,
+        kernel,
+        spec: Conv3dSpec::same(kernel),
+        bias: true,
+    }
+}
+
+#[test]
+fn every_mixacb_kernel_shape_matches_cpu() {
+    let ctx = gpu();
+    let shapes = [
+        [3, 3, 3],
+        [5, 5, 5],
+        [1, 3, 3],
+        [3, 1, 3],
+        [3, 3, 1],
+        [1, 5, 5],
+        [5, 1, 5],
+        [5, 5, 1],
+        [1, 1, 1],
+    ];
+    for (i, k) in shapes.iter().enumerate() {
+        for v in variants(&ctx) {
+            run_case(&ctx, &simple(*k, [7, 9, 11], 3, 10), v, 100 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn stride_two_asymmetric_padding_and_relu() {
+    let ctx = gpu();
+    let mut c = simple([3, 3, 3], [7, 9, 11], 5, 9);
+    c.spec = Conv3dSpec {
+        stride: [2, 2, 2],
+        pad_lo: [1, 0, 2],
+        pad_hi: [0, 1, 1],
+        relu: true,
+    };
+    for v in variants(&ctx) {
+        run_case(&ctx, &c, v, 7);
+    }
+    // Stride differs per axis, kernel 5 with stride 2.
+    let mut c = simple([5, 5, 5], [9, 8, 13], 4, 6);
+    c.spec = Conv3dSpec::same([5, 5, 5]).with_stride([2, 1, 2]);
+    c.bias = false;
+    for v in variants(&ctx) {
+        run_case(&ctx, &c, v, 8);
+    }
+}
+
+#[test]
+fn channel_offsets_read_and_write_ranges() {
+    let ctx = gpu();
+    let c = Case {
+        n: 3,
+        cin_total: 11,
+        in_off: 4,
+        cin: 5,
+        cout: 7,
+        out_total: 13,
+        out_off: 5,
+        size: [5, 6, 7],
+        kernel: [3, 1, 3],
+        spec: Conv3dSpec::same([3, 1, 3]),
+        bias: true,
+    };
+    for v in variants(&ctx) {
+        run_case(&ctx, &c, v, 21);
+    }
+}
+
+#[test]
+fn channel_counts_not_multiples_of_tiles() {
+    let ctx = gpu();
+    for (cin, cout) in [(1, 1), (2, 17), (13, 3)] {
+        for v in variants(&ctx) {
+            run_case(
+                &ctx,
+                &simple([3, 3, 3], [6, 5, 9], cin, cout),
+                v,
+                31 + cin as u64,
+            );
+        }
+    }
+}
+
+fn conv_err(ctx: &GpuContext, x: Shape5, w: Shape5, out: Shape5, spec: Conv3dSpec) -> String {
+    let xt = Tensor::zeros(ctx, x, "x").unwrap();
+    let wt = Tensor::zeros(ctx, w, "w").unwrap();
+    let ot = Tensor::zeros(ctx, out, "out").unwrap();
+    let mut rec = ctx.recorder();
+    let r = conv3d_forward(
+        ctx,
+        &mut rec,
+        xt.all(),
+        &wt,
+        None,
+        ot.all(),
+        &spec,
+        Conv3dVariant::Auto,
+    );
+    ctx.check("test").unwrap();
+    r.expect_err("bad input must be an error").to_string()
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let ctx = gpu();
+    let s = Shape5::new;
+    let same = Conv3dSpec::same([3, 3, 3]);
+    let e = conv_err(
+        &ctx,
+        s(1, 4, 8, 8, 8),
+        s(2, 3, 3, 3, 3),
+        s(1, 2, 8, 8, 8),
+        same,
+    );
+    assert!(e.contains("input channels"), "{e}");
+    let e = conv_err(
+        &ctx,
+        s(1, 3, 8, 8, 8),
+        s(2, 3, 3, 3, 3),
+        s(1, 2, 8, 8, 7),
+        same,
+    );
+    assert!(e.contains("do not fit"), "{e}");
+    let e = conv_err(
+        &ctx,
+        s(1, 3, 2, 8, 8),
+        s(2, 3, 5, 3, 3),
+        s(1, 2, 2, 8, 8),
+        Conv3dSpec::default(),
+    );
+    assert!(e.contains("larger than the padded input"), "{e}");
+    let e = conv_err(
+        &ctx,
+        s(1, 3, 8, 8, 8),
+        s(2, 3, 3, 3, 3),
+        s(1, 2, 8, 8, 8),
+        same.with_stride([1, 0, 1]),
+    );
+    assert!(e.contains("stride"), "{e}");
+    let z = Tensor::zeros(&ctx, s(1, 0, 4, 4, 4), "zero");
+    assert!(z.err().unwrap().to_string().contains("zero-sized"));
+    let x = Tensor::zeros(&ctx, s(1, 3, 4, 4, 4), "x").unwrap();
+    assert!(x.channels(2, 2).is_err());
+    let w = Tensor::zeros(&ctx, s(2, 3, 3, 3, 3), "w").unwrap();
+    let b = Tensor::zeros(&ctx, s(1, 3, 1, 1, 1), "b").unwrap();
+    let r = masnet_wgpu::ops::conv3d(&ctx, &x, &w, Some(&b), &same);
+    assert!(r.err().unwrap().to_string().contains("bias has 3 values"));
+}
+
+/// The GL backend has no subgroups: the tiled kernel must be right there too.
+#[test]
+fn gl_backend_without_subgroups_matches_cpu() {
+    let opts = masnet_wgpu::GpuOptions {
+        backend: masnet_wgpu::BackendChoice::Gl,
+        ..Default::default()
+    };
+    let ctx = GpuContext::new(&opts).expect("a GL adapter (Mesa llvmpipe on CI)");
+    assert!(!ctx.subgroups, "GL was expected to have no subgroups");
+    let mut c = simple([3, 1, 3], [5, 7, 9], 6, 11);
+    c.spec = c.spec.with_stride([2, 1, 2]).with_relu(true);
+    run_case(&ctx, &c, Conv3dVariant::Auto, 77);
+}
