@@ -3,12 +3,15 @@
 // pack_input: a channel range of an NCDHW tensor -> [N][ceil(C/4)][Dp][Hp][Wp] of
 // vec4 (4 channels per load), zero padding written explicitly so the convolution's
 // inner loop has no bounds checks. Wp also covers the overhang of the last W tile.
+// With dilation s (the input gradient of a strided conv) source voxel u sits at packed
+// position pad + u * s and the positions between are zero; pads are signed.
 
 struct PackInputParams {
     n: u32, cin: u32, c_total: u32, c_off: u32,
     id: u32, ih: u32, iw: u32, c4: u32,
     dp: u32, hp: u32, wp: u32, total: u32,
-    pd: u32, ph: u32, pw: u32, row_groups: u32,
+    pd: i32, ph: i32, pw: i32, pad0: u32,
+    sd: u32, sh: u32, sw: u32, pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> src: array<f32>;
@@ -33,11 +36,16 @@ fn pack_input(
     let r3 = r2 / p.dp;
     let c4 = r3 % p.c4;
     let n = r3 / p.c4;
-    let ix = i32(x) - i32(p.pw);
-    let iy = i32(y) - i32(p.ph);
-    let iz = i32(z) - i32(p.pd);
+    let ux = i32(x) - p.pw;
+    let uy = i32(y) - p.ph;
+    let uz = i32(z) - p.pd;
+    let ix = ux / i32(p.sw);
+    let iy = uy / i32(p.sh);
+    let iz = uz / i32(p.sd);
+    let on_grid = ux >= 0 && uy >= 0 && uz >= 0
+        && ux % i32(p.sw) == 0 && uy % i32(p.sh) == 0 && uz % i32(p.sd) == 0;
     var v = vec4<f32>(0.0);
-    if (ix >= 0 && ix < i32(p.iw) && iy >= 0 && iy < i32(p.ih) && iz >= 0 && iz < i32(p.id)) {
+    if (on_grid && ix < i32(p.iw) && iy < i32(p.ih) && iz < i32(p.id)) {
         let vox = (u32(iz) * p.ih + u32(iy)) * p.iw + u32(ix);
         let vol = p.id * p.ih * p.iw;
         for (var k = 0u; k < 4u; k++) {

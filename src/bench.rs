@@ -115,3 +115,53 @@ pub fn bench_conv_forward(
         adapter: ctx.adapter_name(),
     })
 }
+
+/// Times conv3d backward for W1: input gradient (`conv3d.bwd_input.W1`) and weight
+/// gradient (`conv3d.bwd_weight.W1`); FLOPs counted as for the forward.
+pub fn bench_conv_backward_w1(ctx: &GpuContext, reps: usize) -> Result<Vec<BenchResult>> {
+    use crate::ops::conv3d_backward::{conv3d_backward_input, conv3d_backward_weight};
+    let w = &conv_workloads()[0];
+    let mut rng = Rng::new(2);
+    let xs = Shape5::new(w.n, w.cin, w.size, w.size, w.size);
+    let ws = Shape5::new(w.cout, w.cin, 3, 3, 3);
+    let spec = Conv3dSpec::same(w.kernel);
+    let os = conv3d_check(xs, (0, w.cin), ws, None, &spec)?;
+    let x = Tensor::from_slice(ctx, xs, &rng.vec_f32(xs.numel()?, -1.0, 1.0), "x")?;
+    let wt = Tensor::from_slice(ctx, ws, &rng.vec_f32(ws.numel()?, -0.1, 0.1), "w")?;
+    let g = Tensor::from_slice(ctx, os, &rng.vec_f32(os.numel()?, -1.0, 1.0), "dy")?;
+    let dx = Tensor::empty(ctx, xs, "dx")?;
+    let dw = Tensor::empty(ctx, ws, "dw")?;
+    let flops = conv3d_flops(os, ws);
+    let input_ms = median_ms(reps, || {
+        let mut rec = ctx.recorder();
+        conv3d_backward_input(
+            ctx,
+            &mut rec,
+            g.all(),
+            &wt,
+            dx.all(),
+            &spec,
+            Conv3dVariant::Auto,
+        )?;
+        ctx.submit(rec);
+        ctx.wait()
+    })?;
+    let weight_ms = median_ms(reps, || {
+        let mut rec = ctx.recorder();
+        conv3d_backward_weight(ctx, &mut rec, x.all(), g.all(), &dw, &spec)?;
+        ctx.submit(rec);
+        ctx.wait()
+    })?;
+    Ok([
+        ("conv3d.bwd_input.W1", input_ms),
+        ("conv3d.bwd_weight.W1", weight_ms),
+    ]
+    .into_iter()
+    .map(|(name, ms)| BenchResult {
+        name: name.to_string(),
+        ms,
+        gflops: flops / (ms * 1e6),
+        adapter: ctx.adapter_name(),
+    })
+    .collect())
+}

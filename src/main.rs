@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use masnet_wgpu::bench::{bench_conv_forward, conv_workloads, BenchResult};
+use masnet_wgpu::bench::{bench_conv_backward_w1, bench_conv_forward, conv_workloads, BenchResult};
 use masnet_wgpu::gpu::list_adapters;
 use masnet_wgpu::ops::Conv3dVariant;
 use masnet_wgpu::{BackendChoice, GpuContext, GpuOptions};
@@ -60,7 +60,8 @@ enum Command {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BenchSuite {
-    /// conv3d forward W1 (N2 C32->32 32^3 3x3x3), W2 (1x3x3, 3x1x3, 3x3x1), W3 (N2 C8->8 5x5x5)
+    /// conv3d forward W1 (N2 C32->32 32^3 3x3x3), W2 (1x3x3, 3x1x3, 3x3x1), W3 (N2 C8->8
+    /// 5x5x5), and W1's backward (input and weight gradients)
     Conv,
 }
 
@@ -157,6 +158,20 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
                     eprintln!("{}: {:.2} ms", r.name, r.ms);
                 }
                 results.push(r);
+            }
+            if args
+                .filter
+                .as_ref()
+                .is_none_or(|f| "conv3d.bwd_input.W1 conv3d.bwd_weight.W1".contains(f.as_str()))
+            {
+                for r in bench_conv_backward_w1(&ctx, args.reps)
+                    .context("benchmark conv3d backward W1")?
+                {
+                    if !args.json {
+                        eprintln!("{}: {:.2} ms", r.name, r.ms);
+                    }
+                    results.push(r);
+                }
             }
         }
     }

@@ -133,7 +133,7 @@ pub fn conv3d_check(
     Ok(Shape5::new(input.n(), cout, o[0], o[1], o[2]))
 }
 
-fn as_u32(v: usize, what: &str) -> Result<u32> {
+pub(crate) fn as_u32(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v)
         .map_err(|_| Error::Limit(format!("conv3d: {what} = {v} exceeds 32-bit indexing")))
 }
@@ -243,7 +243,7 @@ pub fn shader_variants() -> Vec<(String, String)> {
             PACK_WEIGHT_SRC.to_string(),
         ),
     ];
-    for (subgroup, name) in [(false, "conv3d_tiled"), (true, "conv3d_subgroup")] {
+    for (subgroup, name) in [(false, "conv3d tiled"), (true, "conv3d subgroup")] {
         for (k, s, tile) in [
             (3, 1, ConvTile::for_channels(32)),
             (5, 2, ConvTile::for_channels(8)),
@@ -270,7 +270,7 @@ pub fn shader_variants() -> Vec<(String, String)> {
     v
 }
 
-fn tile_for(cout: usize) -> ConvTile {
+pub(crate) fn tile_for(cout: usize) -> ConvTile {
     // MASNET_CONV_TILE=TCxTX lets benchmarks try other tiles without rebuilding.
     std::env::var("MASNET_CONV_TILE")
         .ok()
@@ -282,14 +282,29 @@ fn tile_for(cout: usize) -> ConvTile {
         .unwrap_or_else(|| ConvTile::for_channels(cout))
 }
 
-fn grid_for(ctx: &GpuContext, workgroups: usize) -> Result<crate::gpu::WorkgroupGrid> {
+/// The subgroup size the kernel may rely on for `variant`, or `None` for the tiled kernel.
+pub(crate) fn subgroup_size_for(ctx: &GpuContext, variant: Conv3dVariant) -> Result<Option<u32>> {
+    let usable = ctx.subgroup_size.filter(|&s| s >= 8);
+    match variant {
+        Conv3dVariant::Tiled => Ok(None),
+        Conv3dVariant::Auto => Ok(usable),
+        Conv3dVariant::Subgroup => usable.map(Some).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "conv3d subgroup kernel needs fixed subgroups of 8 or more; '{}' has none",
+                ctx.info.name
+            ))
+        }),
+    }
+}
+
+pub(crate) fn grid_for(ctx: &GpuContext, workgroups: usize) -> Result<crate::gpu::WorkgroupGrid> {
     workgroup_grid(
         workgroups as u64,
         ctx.limits.max_compute_workgroups_per_dimension,
     )
 }
 
-fn u32s(vals: &[usize]) -> Result<Vec<u32>> {
+pub(crate) fn u32s(vals: &[usize]) -> Result<Vec<u32>> {
     vals.iter().map(|&v| as_u32(v, "a size")).collect()
 }
 
@@ -336,24 +351,11 @@ pub fn conv3d_forward(
             input.tensor.name
         )));
     }
-    let sub = match variant {
-        Conv3dVariant::Tiled => None,
-        Conv3dVariant::Auto => ctx.subgroup_size.filter(|&s| s >= 8),
-        Conv3dVariant::Subgroup => {
-            Some(ctx.subgroup_size.filter(|&s| s >= 8).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "conv3d subgroup kernel needs fixed subgroups of 8 or more; '{}' has none",
-                    ctx.info.name
-                ))
-            })?)
-        }
-    };
+    let sub = subgroup_size_for(ctx, variant)?;
     let [cout, cin, kd, kh, kw] = weight.shape().0;
     let tile = tile_for(cout);
     let [od, oh, ow] = expect.spatial();
-    let [id, ih, iw] = ishape.spatial();
     let [sd, sh, sw] = spec.stride;
-    let n = ishape.n();
     let c4 = cin.div_ceil(4);
     let x_tiles = ow.div_ceil(tile.tx);
     // Packed extents: exactly what the output positions read (the last W tile included).
@@ -362,15 +364,55 @@ pub fn conv3d_forward(
         (oh - 1) * sh + kh,
         (x_tiles * tile.tx - 1) * sw + kw,
     );
-    let co_tiles = cout.div_ceil(tile.tc);
+    let packed_in = pack_input(
+        ctx,
+        rec,
+        input,
+        [1, 1, 1],
+        spec.pad_lo.map(|p| p as isize),
+        [dp, hp, wp],
+    )?;
+    let packed_w = pack_weight(ctx, rec, weight, false, tile.tc)?;
+    conv_packed(
+        ctx,
+        rec,
+        &PackedConv {
+            input: &packed_in,
+            weight: &packed_w,
+            c4,
+            kernel: [kd, kh, kw],
+            stride: spec.stride,
+            padded: [dp, hp, wp],
+            tile,
+            subgroup: sub,
+        },
+        bias,
+        output,
+        spec.relu,
+    )
+}
 
-    // 1. Pack the input channel range with zero borders.
-    let packed_in = Tensor::empty(
+/// Packs `src` into `[N][ceil(C/4)][ext]` vec4 with zero borders: packed position
+/// `pad + u * dil` holds source voxel `u` (dilation > 1 for strided input gradients).
+pub(crate) fn pack_input(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    src: ChannelSlice<'_>,
+    dil: [usize; 3],
+    pad: [isize; 3],
+    ext: [usize; 3],
+) -> Result<Tensor> {
+    let s = src.tensor.shape();
+    let [id, ih, iw] = s.spatial();
+    let n = s.n();
+    let c4 = src.count.div_ceil(4);
+    let [dp, hp, wp] = ext;
+    let packed = Tensor::empty(
         ctx,
         Shape5::new(n, c4 * 4, dp, hp, wp),
         "conv3d packed input",
     )?;
-    let total_in = n * c4 * dp * hp * wp;
+    let total = n * c4 * dp * hp * wp;
     let key = PipelineKey::new("conv3d_pack_input", "pack_input");
     let pipe = ctx.pipelines.get(
         &ctx.device,
@@ -378,24 +420,78 @@ pub fn conv3d_forward(
         PACK_INPUT_SRC,
         &[Binding::ReadOnly, Binding::ReadWrite, Binding::Uniform],
     )?;
+    let pads: Vec<u32> = pad
+        .iter()
+        .map(|&p| i32::try_from(p).map(|v| v as u32))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::Limit("conv3d: padding exceeds 32-bit range".into()))?;
+    let mut vals = u32s(&[
+        n,
+        src.count,
+        s.c(),
+        src.offset,
+        id,
+        ih,
+        iw,
+        c4,
+        dp,
+        hp,
+        wp,
+        total,
+    ])?;
+    vals.extend_from_slice(&pads);
+    vals.push(0);
+    vals.extend(u32s(&[dil[0], dil[1], dil[2], 0])?);
+    let params = uniform_u32(ctx, &vals);
+    dispatch(
+        ctx,
+        rec,
+        &pipe,
+        &[
+            (src.tensor.buffer(), src.tensor.bytes()),
+            (packed.buffer(), packed.bytes()),
+            (&params, params.size()),
+        ],
+        grid_for(ctx, total.div_ceil(WG))?,
+    )?;
+    Ok(packed)
+}
+
+/// Packs a `[Cout, Cin, kd, kh, kw]` weight into per-step blocks of `tc` output channels;
+/// with `flip`, the weight of the input gradient (channels swapped, kernel mirrored).
+pub(crate) fn pack_weight(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    weight: &Tensor,
+    flip: bool,
+    tc: usize,
+) -> Result<Tensor> {
+    let [wco, wci, kd, kh, kw] = weight.shape().0;
+    let (cout, cin) = if flip { (wci, wco) } else { (wco, wci) };
+    let c4 = cin.div_ceil(4);
+    let total = cout.div_ceil(tc) * c4 * kd * kh * tc * kw;
+    let packed = Tensor::empty(ctx, Shape5::new(1, 1, 1, total, 4), "conv3d packed weight")?;
+    let key = PipelineKey::new("conv3d_pack_weight", "pack_weight");
+    let pipe = ctx.pipelines.get(
+        &ctx.device,
+        &key,
+        PACK_WEIGHT_SRC,
+        &[Binding::ReadOnly, Binding::ReadWrite, Binding::Uniform],
+    )?;
     let params = uniform_u32(
         ctx,
         &u32s(&[
-            n,
+            cout,
             cin,
-            ishape.c(),
-            input.offset,
-            id,
-            ih,
-            iw,
             c4,
-            dp,
-            hp,
-            wp,
-            total_in,
-            spec.pad_lo[0],
-            spec.pad_lo[1],
-            spec.pad_lo[2],
+            tc,
+            kd,
+            kh,
+            kw,
+            total,
+            usize::from(flip),
+            0,
+            0,
             0,
         ])?,
     );
@@ -404,46 +500,51 @@ pub fn conv3d_forward(
         rec,
         &pipe,
         &[
-            (input.tensor.buffer(), input.tensor.bytes()),
-            (packed_in.buffer(), packed_in.bytes()),
-            (&params, params.size()),
-        ],
-        grid_for(ctx, total_in.div_ceil(WG))?,
-    );
-
-    // 2. Pack the weight into per-step blocks.
-    let nw = tile.tc * kw;
-    let total_w = co_tiles * c4 * kd * kh * nw;
-    let packed_w = Tensor::empty(
-        ctx,
-        Shape5::new(1, 1, 1, total_w, 4),
-        "conv3d packed weight",
-    )?;
-    let key = PipelineKey::new("conv3d_pack_weight", "pack_weight");
-    let pipe = ctx.pipelines.get(
-        &ctx.device,
-        &key,
-        PACK_WEIGHT_SRC,
-        &[Binding::ReadOnly, Binding::ReadWrite, Binding::Uniform],
-    )?;
-    let params = uniform_u32(ctx, &u32s(&[cout, cin, c4, tile.tc, kd, kh, kw, total_w])?);
-    dispatch(
-        ctx,
-        rec,
-        &pipe,
-        &[
             (weight.buffer(), weight.bytes()),
-            (packed_w.buffer(), packed_w.bytes()),
+            (packed.buffer(), packed.bytes()),
             (&params, params.size()),
         ],
-        grid_for(ctx, total_w.div_ceil(WG))?,
-    );
+        grid_for(ctx, total.div_ceil(WG))?,
+    )?;
+    Ok(packed)
+}
 
-    // 3. The convolution.
+/// Packed operands of one convolution pass.
+pub(crate) struct PackedConv<'a> {
+    pub input: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub c4: usize,
+    pub kernel: [usize; 3],
+    pub stride: [usize; 3],
+    pub padded: [usize; 3],
+    pub tile: ConvTile,
+    pub subgroup: Option<u32>,
+}
+
+/// Runs the register-tiled kernel on packed operands into `output`'s channel range.
+pub(crate) fn conv_packed(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    pc: &PackedConv<'_>,
+    bias: Option<&Tensor>,
+    output: ChannelSlice<'_>,
+    relu: bool,
+) -> Result<()> {
+    let oshape = output.tensor.shape();
+    let [od, oh, ow] = oshape.spatial();
+    let n = oshape.n();
+    let cout = output.count;
+    let [kd, kh, kw] = pc.kernel;
+    let [sd, sh, sw] = pc.stride;
+    let [dp, hp, wp] = pc.padded;
+    let tile = pc.tile;
+    let nw = tile.tc * kw;
+    let x_tiles = ow.div_ceil(tile.tx);
+    let co_tiles = cout.div_ceil(tile.tc);
     let spatial_tiles = od * oh * x_tiles;
     let sblocks = spatial_tiles.div_ceil(WG);
     let grid = grid_for(ctx, sblocks * co_tiles * n)?;
-    let name = if sub.is_some() {
+    let name = if pc.subgroup.is_some() {
         "conv3d_subgroup"
     } else {
         "conv3d_tiled"
@@ -457,13 +558,13 @@ pub fn conv3d_forward(
         .with_const("SD", as_u32(sd, "stride D")?)
         .with_const("SH", as_u32(sh, "stride H")?)
         .with_const("SW", as_u32(sw, "stride W")?)
-        .with_const("NW", nw as u32)
+        .with_const("NW", as_u32(nw, "weight row")?)
         .with_override("HAS_BIAS", f64::from(u8::from(bias.is_some())))
-        .with_override("RELU", f64::from(u8::from(spec.relu)));
-    if let Some(s) = sub {
+        .with_override("RELU", f64::from(u8::from(relu)));
+    if let Some(s) = pc.subgroup {
         key = key.with_const("SG", s);
     }
-    let src = conv3d_source(tile, kw, sw, sub.is_some());
+    let src = conv3d_source(tile, kw, sw, pc.subgroup.is_some());
     let pipe = ctx.pipelines.get(
         &ctx.device,
         &key,
@@ -480,7 +581,7 @@ pub fn conv3d_forward(
         ctx,
         &u32s(&[
             n,
-            c4,
+            pc.c4,
             cout,
             oshape.c(),
             output.offset,
@@ -500,21 +601,21 @@ pub fn conv3d_forward(
     // Without a bias the kernel never reads binding 2; bind the weight as a stand-in.
     let (bbuf, bbytes) = match bias {
         Some(b) => (b.buffer(), b.bytes()),
-        None => (weight.buffer(), weight.bytes()),
+        None => (pc.weight.buffer(), pc.weight.bytes()),
     };
     dispatch(
         ctx,
         rec,
         &pipe,
         &[
-            (packed_in.buffer(), packed_in.bytes()),
-            (packed_w.buffer(), packed_w.bytes()),
+            (pc.input.buffer(), pc.input.bytes()),
+            (pc.weight.buffer(), pc.weight.bytes()),
             (bbuf, bbytes),
             (output.tensor.buffer(), output.tensor.bytes()),
             (&params, params.size()),
         ],
         grid,
-    );
+    )?;
     Ok(())
 }
 
@@ -559,62 +660,83 @@ pub fn conv3d_forward_cpu(
     bias: Option<&[f32]>,
     spec: &Conv3dSpec,
 ) -> Result<Array5<f32>> {
+    let bias: Option<Vec<f64>> = bias.map(|b| b.iter().map(|&v| v as f64).collect());
+    let out = conv3d_forward_f64(
+        &input.mapv(f64::from),
+        in_off,
+        &weight.mapv(f64::from),
+        bias.as_deref(),
+        spec,
+    )?;
+    Ok(out.mapv(|v| v as f32))
+}
+
+/// The CPU reference in f64 (used for finite-difference checks).
+pub fn conv3d_forward_f64(
+    input: &Array5<f64>,
+    in_off: usize,
+    weight: &Array5<f64>,
+    bias: Option<&[f64]>,
+    spec: &Conv3dSpec,
+) -> Result<Array5<f64>> {
     let s = input.shape();
     let ishape = Shape5::new(s[0], s[1], s[2], s[3], s[4]);
     let w = weight.shape();
     let wshape = Shape5::new(w[0], w[1], w[2], w[3], w[4]);
     let oshape = conv3d_check(ishape, (in_off, w[1]), wshape, bias.map(|b| b.len()), spec)?;
     let [n, cout, od, oh, ow] = oshape.0;
-    let [_, cin, kd, kh, kw] = wshape.0;
-    let [id, ih, iw] = ishape.spatial();
-    let mut out = Array5::<f32>::zeros(oshape.0);
+    let cin = w[1];
+    let mut out = Array5::<f64>::zeros(oshape.0);
     for b in 0..n {
         for co in 0..cout {
             for z in 0..od {
                 for y in 0..oh {
                     for x in 0..ow {
-                        let mut acc = bias.map_or(0.0, |bb| bb[co] as f64);
-                        for ci in 0..cin {
-                            for dz in 0..kd {
-                                let iz =
-                                    (z * spec.stride[0] + dz) as isize - spec.pad_lo[0] as isize;
-                                if iz < 0 || iz >= id as isize {
-                                    continue;
+                        let mut acc = bias.map_or(0.0, |bb| bb[co]);
+                        for_each_tap(
+                            spec,
+                            [z, y, x],
+                            [w[2], w[3], w[4]],
+                            ishape.spatial(),
+                            |k, i| {
+                                for ci in 0..cin {
+                                    acc += input[[b, in_off + ci, i[0], i[1], i[2]]]
+                                        * weight[[co, ci, k[0], k[1], k[2]]];
                                 }
-                                for dy in 0..kh {
-                                    let iy = (y * spec.stride[1] + dy) as isize
-                                        - spec.pad_lo[1] as isize;
-                                    if iy < 0 || iy >= ih as isize {
-                                        continue;
-                                    }
-                                    for dx in 0..kw {
-                                        let ix = (x * spec.stride[2] + dx) as isize
-                                            - spec.pad_lo[2] as isize;
-                                        if ix < 0 || ix >= iw as isize {
-                                            continue;
-                                        }
-                                        acc += input[[
-                                            b,
-                                            in_off + ci,
-                                            iz as usize,
-                                            iy as usize,
-                                            ix as usize,
-                                        ]] as f64
-                                            * weight[[co, ci, dz, dy, dx]] as f64;
-                                    }
-                                }
-                            }
-                        }
-                        if spec.relu {
-                            acc = acc.max(0.0);
-                        }
-                        out[[b, co, z, y, x]] = acc as f32;
+                            },
+                        );
+                        out[[b, co, z, y, x]] = if spec.relu { acc.max(0.0) } else { acc };
                     }
                 }
             }
         }
     }
     Ok(out)
+}
+
+/// Calls `f(tap, input voxel)` for every kernel tap of output voxel `o` that lands
+/// inside the (unpadded) input.
+pub(crate) fn for_each_tap(
+    spec: &Conv3dSpec,
+    o: [usize; 3],
+    kernel: [usize; 3],
+    input: [usize; 3],
+    mut f: impl FnMut([usize; 3], [usize; 3]),
+) {
+    let pos = |a: usize, k: usize| -> Option<usize> {
+        let i = (o[a] * spec.stride[a] + k) as isize - spec.pad_lo[a] as isize;
+        (i >= 0 && (i as usize) < input[a]).then_some(i as usize)
+    };
+    for kz in 0..kernel[0] {
+        let Some(iz) = pos(0, kz) else { continue };
+        for ky in 0..kernel[1] {
+            let Some(iy) = pos(1, ky) else { continue };
+            for kx in 0..kernel[2] {
+                let Some(ix) = pos(2, kx) else { continue };
+                f([kz, ky, kx], [iz, iy, ix]);
+            }
+        }
+    }
 }
 
 /// Floating-point operations of one forward (2 per multiply-add, padding included).

@@ -2,11 +2,16 @@
 //! plain-loop CPU reference used by tests (and by users who want to compare).
 
 pub mod conv3d;
+pub mod conv3d_backward;
 pub(crate) mod params;
+pub mod reduce;
 
 pub use conv3d::{conv3d, conv3d_forward, Conv3dSpec, Conv3dVariant};
 
 /// Every shader the engine compiles, in its specialised forms (name, WGSL source).
 pub fn shader_variants() -> Vec<(String, String)> {
-    conv3d::shader_variants()
+    let mut v = conv3d::shader_variants();
+    v.extend(conv3d_backward::shader_variants());
+    v.extend(reduce::shader_variants());
+    v
 }

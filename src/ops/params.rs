@@ -24,9 +24,16 @@ pub(crate) fn dispatch(
     pipe: CachedPipelineRef<'_>,
     buffers: &[(&wgpu::Buffer, u64)],
     grid: WorkgroupGrid,
-) {
+) -> crate::Result<()> {
     if grid.total == 0 {
-        return;
+        return Ok(());
+    }
+    let max = ctx.max_binding_bytes();
+    if let Some((_, b)) = buffers.iter().find(|(_, b)| *b > max) {
+        return Err(crate::Error::Limit(format!(
+            "a {b}-byte operand exceeds the adapter's {max}-byte storage binding limit; \
+             use a smaller batch, patch or tile"
+        )));
     }
     let entries: Vec<wgpu::BindGroupEntry> = buffers
         .iter()
@@ -55,4 +62,5 @@ pub(crate) fn dispatch(
     pass.set_pipeline(&pipe.pipeline);
     pass.set_bind_group(0, &bg, &[]);
     pass.dispatch_workgroups(grid.dims[0], grid.dims[1], grid.dims[2]);
+    Ok(())
 }

@@ -1,0 +1,355 @@
+//! conv3d backward, derived from forward machinery where the maths allows:
+//! - input gradient = a stride-1 convolution of the gradient, dilated by the stride, with
+//!   the weight's channels swapped and kernel mirrored (a transposed convolution), run by
+//!   the forward kernel on differently packed operands;
+//! - weight gradient = a split reduction over N·D·H·W (partials per chunk of output
+//!   planes, then `reduce::sum_chunks`), no float atomics;
+//! - bias gradient = per-channel sums (`reduce::sum_rows`, `sum_chunks`).
+//!
+//! These are gradients of the convolution itself: a fused ReLU epilogue must be
+//! back-propagated through (masked) before calling them.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, GpuContext, PipelineKey, Recorder};
+use crate::ops::conv3d::{
+    as_u32, conv3d_check, conv_packed, for_each_tap, grid_for, pack_input, pack_weight,
+    subgroup_size_for, tile_for, u32s, Conv3dSpec, Conv3dVariant, PackedConv,
+};
+use crate::ops::params::{dispatch, uniform_u32};
+use crate::ops::reduce::{sum_chunks, sum_rows};
+use crate::tensor::{ChannelSlice, Shape5, Tensor};
+use ndarray::Array5;
+
+const WEIGHT_GRAD_SRC: &str = include_str!("../../shaders/conv3d_backward_weight.wgsl");
+
+/// Checks that `grad_out` has the shape the forward of `input` x `weight` produces.
+fn check_grad_out(
+    input: Shape5,
+    in_range: (usize, usize),
+    weight: Shape5,
+    grad_out: &ChannelSlice<'_>,
+    spec: &Conv3dSpec,
+    what: &str,
+) -> Result<Shape5> {
+    let expect = conv3d_check(input, in_range, weight, None, spec)?;
+    let g = grad_out.tensor.shape();
+    if grad_out.count != expect.c() || g.n() != expect.n() || g.spatial() != expect.spatial() {
+        return Err(Error::Shape(format!(
+            "{what}: gradient '{}' {g} channels {}..{} do not match the forward output {expect}",
+            grad_out.tensor.name,
+            grad_out.offset,
+            grad_out.offset + grad_out.count
+        )));
+    }
+    Ok(expect)
+}
+
+/// Records `grad_in[:, range] = dL/dx` for `y = conv3d(x, weight)` given `grad_out = dL/dy`
+/// (overwrites the range).
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d_backward_input(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    grad_out: ChannelSlice<'_>,
+    weight: &Tensor,
+    grad_in: ChannelSlice<'_>,
+    spec: &Conv3dSpec,
+    variant: Conv3dVariant,
+) -> Result<()> {
+    let gi = grad_in.tensor.shape();
+    check_grad_out(
+        gi,
+        (grad_in.offset, grad_in.count),
+        weight.shape(),
+        &grad_out,
+        spec,
+        "conv3d_backward_input",
+    )?;
+    if std::ptr::eq(grad_in.tensor, grad_out.tensor) {
+        return Err(Error::InvalidArgument(
+            "conv3d_backward_input: gradient input and output are the same tensor".into(),
+        ));
+    }
+    let sub = subgroup_size_for(ctx, variant)?;
+    let [cout, cin, kd, kh, kw] = weight.shape().0;
+    let k = [kd, kh, kw];
+    let [id, ih, iw] = gi.spatial();
+    let tile = tile_for(cin);
+    let x_tiles = iw.div_ceil(tile.tx);
+    let ext = [id - 1 + kd, ih - 1 + kh, x_tiles * tile.tx - 1 + kw];
+    // Gradient voxel o sits at dilated position o * s; the mirrored kernel then needs
+    // k - 1 - pad_lo positions before it.
+    let pad: [isize; 3] = std::array::from_fn(|a| k[a] as isize - 1 - spec.pad_lo[a] as isize);
+    let packed_g = pack_input(ctx, rec, grad_out, spec.stride, pad, ext)?;
+    let packed_w = pack_weight(ctx, rec, weight, true, tile.tc)?;
+    conv_packed(
+        ctx,
+        rec,
+        &PackedConv {
+            input: &packed_g,
+            weight: &packed_w,
+            c4: cout.div_ceil(4),
+            kernel: k,
+            stride: [1, 1, 1],
+            padded: ext,
+            tile,
+            subgroup: sub,
+        },
+        None,
+        grad_in,
+        false,
+    )
+}
+
+/// Generates the unrolled parts of `shaders/conv3d_backward_weight.wgsl` for width `kw`.
+pub fn backward_weight_source(kw: usize) -> String {
+    use std::fmt::Write;
+    let (mut acc, mut mac, mut epi) = (String::new(), String::new(), String::new());
+    for x in 0..kw {
+        let _ = writeln!(mac, "                let x{x} = xp[xb + {x}u];");
+    }
+    for (c, lane) in ["x", "y", "z", "w"].iter().enumerate() {
+        for x in 0..kw {
+            let _ = writeln!(acc, "    var a{c}_{x} = vec4<f32>(0.0);");
+            let _ = writeln!(
+                mac,
+                "                a{c}_{x} = a{c}_{x} + gv.{lane} * x{x};"
+            );
+            let _ = writeln!(
+                epi,
+                "    store(chunk, co0, {c}u, ci4, kbase, {x}u, kvol, a{c}_{x});"
+            );
+        }
+    }
+    WEIGHT_GRAD_SRC
+        .replace("    //{{ACC_DECL}}\n", &acc)
+        .replace("                //{{MAC_BLOCK}}\n", &mac)
+        .replace("    //{{EPILOGUE}}\n", &epi)
+}
+
+fn weight_grad_key(k: [usize; 3], s: [usize; 3]) -> Result<PipelineKey> {
+    Ok(
+        PipelineKey::new("conv3d_backward_weight", "conv3d_backward_weight")
+            .with_const("KD", as_u32(k[0], "kernel D")?)
+            .with_const("KH", as_u32(k[1], "kernel H")?)
+            .with_const("KW", as_u32(k[2], "kernel W")?)
+            .with_const("SD", as_u32(s[0], "stride D")?)
+            .with_const("SH", as_u32(s[1], "stride H")?)
+            .with_const("SW", as_u32(s[2], "stride W")?),
+    )
+}
+
+/// Records `grad_weight = dL/dW` (`[Cout, Cin, kd, kh, kw]`, overwritten) for
+/// `y = conv3d(input[:, range], W)` given `grad_out = dL/dy`.
+pub fn conv3d_backward_weight(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    input: ChannelSlice<'_>,
+    grad_out: ChannelSlice<'_>,
+    grad_weight: &Tensor,
+    spec: &Conv3dSpec,
+) -> Result<()> {
+    let xs = input.tensor.shape();
+    let ws = grad_weight.shape();
+    let o = check_grad_out(
+        xs,
+        (input.offset, input.count),
+        ws,
+        &grad_out,
+        spec,
+        "conv3d_backward_weight",
+    )?;
+    let [cout, cin, kd, kh, kw] = ws.0;
+    let [od, oh, ow] = o.spatial();
+    let [sd, sh, sw] = spec.stride;
+    let n = xs.n();
+    let c4 = cin.div_ceil(4);
+    let ext = [(od - 1) * sd + kd, (oh - 1) * sh + kh, (ow - 1) * sw + kw];
+    let packed_x = pack_input(
+        ctx,
+        rec,
+        input,
+        [1, 1, 1],
+        spec.pad_lo.map(|p| p as isize),
+        ext,
+    )?;
+    // Output planes per chunk: as few as keep the partial sums under 64 MiB and the
+    // adapter's binding limit (more chunks = more parallelism, more memory).
+    let len = ws.numel()?;
+    let budget = (ctx.max_binding_bytes().min(64 << 20) / 4) as usize;
+    let max_chunks = (budget / len).max(1);
+    let zblocks_max = (max_chunks / n).max(1).min(od);
+    let zc = od.div_ceil(zblocks_max);
+    let zblocks = od.div_ceil(zc);
+    let chunks = n * zblocks;
+    let partial = Tensor::empty(
+        ctx,
+        Shape5::new(1, 1, 1, chunks, len),
+        "conv3d weight partials",
+    )?;
+    let co_tiles = cout.div_ceil(4);
+    let total = chunks * co_tiles * c4 * kd * kh;
+    let pipe = ctx.pipelines.get(
+        &ctx.device,
+        &weight_grad_key([kd, kh, kw], spec.stride)?,
+        &backward_weight_source(kw),
+        &[
+            Binding::ReadOnly,
+            Binding::ReadOnly,
+            Binding::ReadWrite,
+            Binding::Uniform,
+        ],
+    )?;
+    let g = grad_out.tensor.shape();
+    let params = uniform_u32(
+        ctx,
+        &u32s(&[
+            n,
+            c4,
+            cout,
+            cin,
+            g.c(),
+            grad_out.offset,
+            ext[0],
+            ext[1],
+            ext[2],
+            od,
+            oh,
+            ow,
+            co_tiles,
+            total,
+            zc,
+            zblocks,
+        ])?,
+    );
+    dispatch(
+        ctx,
+        rec,
+        &pipe,
+        &[
+            (packed_x.buffer(), packed_x.bytes()),
+            (grad_out.tensor.buffer(), grad_out.tensor.bytes()),
+            (partial.buffer(), partial.bytes()),
+            (&params, params.size()),
+        ],
+        grid_for(ctx, total.div_ceil(64))?,
+    )?;
+    sum_chunks(ctx, rec, &partial, chunks, len, grad_weight)
+}
+
+/// Records `grad_bias[c] = sum over n, z, y, x of grad_out[n, range.start + c, ...]`.
+pub fn conv3d_backward_bias(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    grad_out: ChannelSlice<'_>,
+    grad_bias: &Tensor,
+) -> Result<()> {
+    let g = grad_out.tensor.shape();
+    if grad_bias.shape().numel()? != grad_out.count {
+        return Err(Error::Shape(format!(
+            "conv3d_backward_bias: bias gradient '{}' {} must hold {} values",
+            grad_bias.name,
+            grad_bias.shape(),
+            grad_out.count
+        )));
+    }
+    let (n, ct) = (g.n(), g.c());
+    let per_item = Tensor::empty(ctx, Shape5::new(1, 1, 1, n, ct), "bias partials")?;
+    sum_rows(ctx, rec, grad_out.tensor, n * ct, g.voxels(), &per_item)?;
+    let per_channel = Tensor::empty(ctx, Shape5::new(1, 1, 1, 1, ct), "bias sums")?;
+    sum_chunks(ctx, rec, &per_item, n, ct, &per_channel)?;
+    rec.encoder.copy_buffer_to_buffer(
+        per_channel.buffer(),
+        (grad_out.offset * 4) as u64,
+        grad_bias.buffer(),
+        0,
+        (grad_out.count * 4) as u64,
+    );
+    Ok(())
+}
+
+/// Every shader of this family (for the portability test).
+pub fn shader_variants() -> Vec<(String, String)> {
+    [(3, 1), (5, 2), (1, 1)]
+        .iter()
+        .map(|&(k, s)| {
+            let key = weight_grad_key([k; 3], [s; 3]).expect("small constants");
+            (
+                format!("conv3d_backward_weight k{k} s{s}"),
+                format!("{}{}", key.prelude(), backward_weight_source(k)),
+            )
+        })
+        .collect()
+}
+
+/// CPU reference of the input gradient in f64: `dx` of shape `[N, Cin, input]`.
+pub fn conv3d_backward_input_f64(
+    grad_out: &Array5<f64>,
+    weight: &Array5<f64>,
+    input: [usize; 3],
+    spec: &Conv3dSpec,
+) -> Array5<f64> {
+    let g = grad_out.shape();
+    let w = weight.shape();
+    let (n, cout, cin) = (g[0], w[0], w[1]);
+    let mut dx = Array5::<f64>::zeros([n, cin, input[0], input[1], input[2]]);
+    for b in 0..n {
+        for co in 0..cout {
+            for z in 0..g[2] {
+                for y in 0..g[3] {
+                    for x in 0..g[4] {
+                        let gv = grad_out[[b, co, z, y, x]];
+                        for_each_tap(spec, [z, y, x], [w[2], w[3], w[4]], input, |k, i| {
+                            for ci in 0..cin {
+                                dx[[b, ci, i[0], i[1], i[2]]] +=
+                                    gv * weight[[co, ci, k[0], k[1], k[2]]];
+                            }
+                        });
+                    }
+                }
+            }
+        }
+    }
+    dx
+}
+
+/// CPU reference of the weight gradient in f64: `[Cout, Cin, kd, kh, kw]`.
+pub fn conv3d_backward_weight_f64(
+    input: &Array5<f64>,
+    in_off: usize,
+    grad_out: &Array5<f64>,
+    kernel: [usize; 3],
+    spec: &Conv3dSpec,
+) -> Array5<f64> {
+    let g = grad_out.shape();
+    let s = input.shape();
+    let (n, cout) = (g[0], g[1]);
+    let cin = s[1] - in_off;
+    let mut dw = Array5::<f64>::zeros([cout, cin, kernel[0], kernel[1], kernel[2]]);
+    for b in 0..n {
+        for co in 0..cout {
+            for z in 0..g[2] {
+                for y in 0..g[3] {
+                    for x in 0..g[4] {
+                        let gv = grad_out[[b, co, z, y, x]];
+                        for_each_tap(spec, [z, y, x], kernel, [s[2], s[3], s[4]], |k, i| {
+                            for ci in 0..cin {
+                                dw[[co, ci, k[0], k[1], k[2]]] +=
+                                    gv * input[[b, in_off + ci, i[0], i[1], i[2]]];
+                            }
+                        });
+                    }
+                }
+            }
+        }
+    }
+    dw
+}
+
+/// CPU reference of the bias gradient: per-channel sums of `grad_out`.
+pub fn conv3d_backward_bias_f64(grad_out: &Array5<f64>) -> Vec<f64> {
+    let c = grad_out.shape()[1];
+    (0..c)
+        .map(|ch| grad_out.slice(ndarray::s![.., ch, .., .., ..]).sum())
+        .collect()
+}
