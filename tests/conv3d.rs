@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, gpu, random};
+use common::{assert_close, gpu, random, variants};
 use masnet_wgpu::ops::conv3d::{conv3d_forward, conv3d_forward_cpu, Conv3dSpec, Conv3dVariant};
 use masnet_wgpu::{GpuContext, Shape5, Tensor};
 
@@ -94,14 +94,6 @@ fn run_case(ctx: &GpuContext, c: &Case, variant: Conv3dVariant, seed: u64) {
             }
         }
     }
-}
-
-fn variants(ctx: &GpuContext) -> Vec<Conv3dVariant> {
-    let mut v = vec![Conv3dVariant::Tiled];
-    if ctx.subgroup_size.is_some_and(|s| s >= 8) {
-        v.push(Conv3dVariant::Subgroup);
-    }
-    v
 }
 
 fn simple(kernel: [usize; 3], size: [usize; 3], cin: usize, cout: usize) -> Case {

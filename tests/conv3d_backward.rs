@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, gpu, random};
+use common::{assert_close, gpu, random, variants};
 use masnet_wgpu::ops::conv3d::{conv3d_forward_f64, Conv3dSpec, Conv3dVariant};
 use masnet_wgpu::ops::conv3d_backward::{
     conv3d_backward_bias, conv3d_backward_bias_f64, conv3d_backward_input,
@@ -116,14 +116,6 @@ fn check_case(ctx: &GpuContext, c: &Case, seed: u64) {
             - got_range.iter().filter(|&&v| v != 0.0).count();
         assert_eq!(outside, 0, "input gradient wrote outside its channel range");
     }
-}
-
-fn variants(ctx: &GpuContext) -> Vec<Conv3dVariant> {
-    let mut v = vec![Conv3dVariant::Tiled];
-    if ctx.subgroup_size.is_some_and(|s| s >= 8) {
-        v.push(Conv3dVariant::Subgroup);
-    }
-    v
 }
 
 fn case(kernel: [usize; 3], spec: Conv3dSpec) -> Case {

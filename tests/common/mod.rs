@@ -2,6 +2,7 @@
 //! skips it), random tensors and tolerance checks.
 #![allow(dead_code)]
 
+use masnet_wgpu::ops::Conv3dVariant;
 use masnet_wgpu::rng::Rng;
 use masnet_wgpu::{GpuContext, GpuOptions};
 use ndarray::Array5;
@@ -40,4 +41,14 @@ pub fn assert_close(a: &[f32], b: &[f32], rtol: f32, atol: f32, what: &str) {
         a[i],
         b[i]
     );
+}
+
+/// The conv3d kernel variants this adapter can run (the subgroup one needs fixed
+/// subgroups of 8 or more).
+pub fn variants(ctx: &GpuContext) -> Vec<Conv3dVariant> {
+    let mut v = vec![Conv3dVariant::Tiled];
+    if ctx.subgroup_size.is_some_and(|s| s >= 8) {
+        v.push(Conv3dVariant::Subgroup);
+    }
+    v
 }
