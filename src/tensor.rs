@@ -1,7 +1,7 @@
 //! f32 tensors in NCDHW layout on the GPU, and their shapes.
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, PooledBuffer};
+use crate::gpu::{GpuContext, PooledBuffer, Recorder};
 use ndarray::Array5;
 use std::fmt;
 
@@ -64,9 +64,19 @@ pub struct Tensor {
     pub name: String,
 }
 
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor('{}', {})", self.name, self.shape)
+    }
+}
+
 impl Tensor {
     /// An uninitialised tensor (contents are whatever the pooled buffer held).
     pub fn empty(ctx: &GpuContext, shape: Shape5, name: &str) -> Result<Self> {
+        Self::alloc(ctx, shape, name, false)
+    }
+
+    fn alloc(ctx: &GpuContext, shape: Shape5, name: &str, settled: bool) -> Result<Self> {
         if shape.has_zero() {
             return Err(Error::Shape(format!(
                 "tensor '{name}' has a zero-sized dimension: {shape}"
@@ -84,18 +94,85 @@ impl Tensor {
         }
         Ok(Self {
             shape,
-            buf: ctx.pool.take(&ctx.device, bytes),
+            buf: if settled {
+                ctx.pool.take_settled(&ctx.device, bytes)
+            } else {
+                ctx.pool.take(&ctx.device, bytes)
+            },
             name: name.to_string(),
         })
     }
 
     /// A tensor filled with zeros.
     pub fn zeros(ctx: &GpuContext, shape: Shape5, name: &str) -> Result<Self> {
-        let t = Self::empty(ctx, shape, name)?;
+        let t = Self::alloc(ctx, shape, name, true)?;
         let mut rec = ctx.recorder();
         rec.encoder.clear_buffer(t.buffer(), 0, Some(t.bytes()));
         ctx.submit(rec);
         Ok(t)
+    }
+
+    /// A zero tensor whose clearing is recorded into `rec`, so it is ordered after the
+    /// commands already recorded there (pooled buffers freed during a recording may be
+    /// reused; an immediate clear would run before those commands read them).
+    pub fn zeros_recorded(
+        ctx: &GpuContext,
+        rec: &mut Recorder,
+        shape: Shape5,
+        name: &str,
+    ) -> Result<Self> {
+        let t = Self::empty(ctx, shape, name)?;
+        rec.encoder.clear_buffer(t.buffer(), 0, Some(t.bytes()));
+        Ok(t)
+    }
+
+    /// Uploads `data` through a staging copy recorded into `rec` (ordered like
+    /// [`Tensor::zeros_recorded`]).
+    pub fn from_slice_recorded(
+        ctx: &GpuContext,
+        rec: &mut Recorder,
+        shape: Shape5,
+        data: &[f32],
+        name: &str,
+    ) -> Result<Self> {
+        use wgpu::util::DeviceExt;
+        let n = shape.numel()?;
+        if data.len() != n {
+            return Err(Error::Shape(format!(
+                "tensor '{name}': {} values given for shape {shape} ({n} needed)",
+                data.len()
+            )));
+        }
+        let t = Self::empty(ctx, shape, name)?;
+        let staging = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("upload"),
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::COPY_SRC,
+            });
+        rec.encoder
+            .copy_buffer_to_buffer(&staging, 0, t.buffer(), 0, t.bytes());
+        Ok(t)
+    }
+
+    /// A copy of this tensor recorded into `rec`.
+    pub fn duplicate(&self, ctx: &GpuContext, rec: &mut Recorder, name: &str) -> Result<Self> {
+        let t = Self::empty(ctx, self.shape, name)?;
+        rec.encoder
+            .copy_buffer_to_buffer(self.buffer(), 0, t.buffer(), 0, self.bytes());
+        Ok(t)
+    }
+
+    /// The same storage under another shape with the same element count (a reshape).
+    pub fn reshaped(self, shape: Shape5) -> Result<Self> {
+        if shape.numel()? != self.shape.numel()? {
+            return Err(Error::Shape(format!(
+                "cannot reshape '{}' {} to {shape}: element counts differ",
+                self.name, self.shape
+            )));
+        }
+        Ok(Self { shape, ..self })
     }
 
     /// Uploads `data` (row-major NCDHW) as a tensor of `shape`.
@@ -107,7 +184,7 @@ impl Tensor {
                 data.len()
             )));
         }
-        let t = Self::empty(ctx, shape, name)?;
+        let t = Self::alloc(ctx, shape, name, true)?;
         ctx.queue
             .write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
         Ok(t)

@@ -10,9 +10,16 @@ pub const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC);
 
 /// Free buffers by size class.
+///
+/// Buffers released since the last submission are kept apart ("recent"): commands
+/// recorded but not yet submitted may still read them. Ops recorded later in the same
+/// stream may reuse them (the GPU runs commands in order), but an upload through
+/// `queue.write_buffer` runs before the pending commands, so uploads only take buffers
+/// released before the last submission ([`BufferPool::take_settled`]).
 #[derive(Default, Clone)]
 pub struct BufferPool {
     free: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
+    recent: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
 }
 
 /// Rounds a byte size up to its class: at most 1/8 (12.5 %) larger, multiple of 256.
@@ -26,12 +33,38 @@ pub fn size_class(bytes: u64) -> u64 {
 impl BufferPool {
     /// A buffer of at least `bytes`, reused when one of its class is free.
     pub fn take(&self, device: &wgpu::Device, bytes: u64) -> PooledBuffer {
+        self.take_from(device, bytes, true)
+    }
+
+    /// A buffer safe to fill with `queue.write_buffer` while a recording is open.
+    pub fn take_settled(&self, device: &wgpu::Device, bytes: u64) -> PooledBuffer {
+        self.take_from(device, bytes, false)
+    }
+
+    /// Marks every buffer released so far as settled (call after each submission).
+    pub fn settle(&self) {
+        let (Ok(mut recent), Ok(mut free)) = (self.recent.lock(), self.free.lock()) else {
+            return;
+        };
+        for (class, mut v) in recent.drain() {
+            free.entry(class).or_default().append(&mut v);
+        }
+    }
+
+    fn take_from(&self, device: &wgpu::Device, bytes: u64, allow_recent: bool) -> PooledBuffer {
         let class = size_class(bytes);
-        let reused = self
-            .free
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get_mut(&class).and_then(|v| v.pop()));
+        let pop = |m: &Mutex<HashMap<u64, Vec<wgpu::Buffer>>>| {
+            m.lock()
+                .ok()
+                .and_then(|mut m| m.get_mut(&class).and_then(|v| v.pop()))
+        };
+        let reused = pop(&self.free).or_else(|| {
+            if allow_recent {
+                pop(&self.recent)
+            } else {
+                None
+            }
+        });
         let buffer = reused.unwrap_or_else(|| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("tensor"),
@@ -48,10 +81,12 @@ impl BufferPool {
 
     /// Bytes currently held free in the pool.
     pub fn free_bytes(&self) -> u64 {
-        self.free
-            .lock()
-            .map(|m| m.iter().map(|(c, v)| c * v.len() as u64).sum())
-            .unwrap_or(0)
+        let bytes = |m: &Mutex<HashMap<u64, Vec<wgpu::Buffer>>>| {
+            m.lock()
+                .map(|m| m.iter().map(|(c, v)| c * v.len() as u64).sum())
+                .unwrap_or(0)
+        };
+        bytes(&self.free) + bytes(&self.recent)
     }
 
     /// Releases every free buffer to the driver.
@@ -59,10 +94,13 @@ impl BufferPool {
         if let Ok(mut m) = self.free.lock() {
             m.clear();
         }
+        if let Ok(mut m) = self.recent.lock() {
+            m.clear();
+        }
     }
 
     fn give_back(&self, buffer: wgpu::Buffer) {
-        if let Ok(mut m) = self.free.lock() {
+        if let Ok(mut m) = self.recent.lock() {
             m.entry(buffer.size()).or_default().push(buffer);
         }
     }

@@ -165,6 +165,7 @@ pub struct GpuContext {
     /// Reusable buffers.
     pub pool: BufferPool,
     errors: Arc<Mutex<Vec<String>>>,
+    open_recorders: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl GpuContext {
@@ -232,6 +233,7 @@ impl GpuContext {
             subgroups: has_sub,
             subgroup_size,
             errors,
+            open_recorders: Arc::default(),
         })
     }
 
@@ -262,16 +264,31 @@ impl GpuContext {
 
     /// Starts recording commands; ops append passes to it, [`GpuContext::submit`] runs them.
     pub fn recorder(&self) -> Recorder {
+        self.open_recorders
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Recorder {
             encoder: self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }),
+            _open: OpenRecording(self.open_recorders.clone()),
         }
     }
 
     /// Submits recorded work (does not wait).
     pub fn submit(&self, rec: Recorder) -> wgpu::SubmissionIndex {
-        self.queue.submit([rec.encoder.finish()])
+        let Recorder { encoder, _open } = rec;
+        let i = self.queue.submit([encoder.finish()]);
+        drop(_open);
+        // Buffers released during recordings are settled once no recording that may
+        // still reference them is open.
+        if self
+            .open_recorders
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            self.pool.settle();
+        }
+        i
     }
 
     /// Blocks until all submitted work finished, then reports captured errors.
@@ -294,4 +311,14 @@ impl GpuContext {
 pub struct Recorder {
     /// The wgpu encoder; ops add compute passes to it.
     pub encoder: wgpu::CommandEncoder,
+    _open: OpenRecording,
+}
+
+/// Counts a recording as open until it is submitted or dropped.
+struct OpenRecording(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenRecording {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
