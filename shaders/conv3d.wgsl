@@ -84,7 +84,8 @@ fn store(base: u32, ostride: u32, c: u32, t: u32, co0: u32, ox0: u32, v: f32) {
         r += bias[co0 + c];
     }
     if (RELU) {
-        r = max(r, 0.0);
+        // select, not max: NaN must propagate (see elementwise.wgsl).
+        r = select(r, 0.0, r < 0.0);
     }
     output[base + c * ostride + t] = r;
 }

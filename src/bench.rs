@@ -148,7 +148,15 @@ pub fn bench_conv_backward_w1(ctx: &GpuContext, reps: usize) -> Result<Vec<Bench
     })?;
     let weight_ms = median_ms(reps, || {
         let mut rec = ctx.recorder();
-        conv3d_backward_weight(ctx, &mut rec, x.all(), g.all(), &dw, &spec)?;
+        conv3d_backward_weight(
+            ctx,
+            &mut rec,
+            x.all(),
+            g.all(),
+            &dw,
+            &spec,
+            Conv3dVariant::Auto,
+        )?;
         ctx.submit(rec);
         ctx.wait()
     })?;

@@ -61,24 +61,26 @@ fn check_case(ctx: &GpuContext, c: &Case, seed: u64) {
     let gslice = gt.channels(2, c.cout).unwrap();
 
     // Weight and bias gradients.
-    let dw = Tensor::zeros(ctx, Shape5::new(c.cout, c.cin, kd, kh, kw), "dw").unwrap();
-    let db = Tensor::zeros(ctx, Shape5::new(1, c.cout, 1, 1, 1), "db").unwrap();
-    let mut rec = ctx.recorder();
-    let xs = xt.channels(c.in_off, c.cin).unwrap();
-    conv3d_backward_weight(ctx, &mut rec, xs, gslice, &dw, &c.spec).unwrap();
-    conv3d_backward_bias(ctx, &mut rec, gslice, &db).unwrap();
-    ctx.submit(rec);
     let x_used = x
         .slice(ndarray::s![.., c.in_off..c.in_off + c.cin, .., .., ..])
         .to_owned();
     let want_dw = conv3d_backward_weight_f64(&x_used.mapv(f64::from), 0, &g64, c.kernel, &c.spec);
-    assert_close(
-        &dw.to_vec(ctx).unwrap(),
-        &flat(&want_dw),
-        RTOL,
-        ATOL,
-        "weight gradient",
-    );
+    let db = Tensor::zeros(ctx, Shape5::new(1, c.cout, 1, 1, 1), "db").unwrap();
+    for v in variants(ctx) {
+        let dw = Tensor::zeros(ctx, Shape5::new(c.cout, c.cin, kd, kh, kw), "dw").unwrap();
+        let mut rec = ctx.recorder();
+        let xs = xt.channels(c.in_off, c.cin).unwrap();
+        conv3d_backward_weight(ctx, &mut rec, xs, gslice, &dw, &c.spec, v).unwrap();
+        conv3d_backward_bias(ctx, &mut rec, gslice, &db).unwrap();
+        ctx.submit(rec);
+        assert_close(
+            &dw.to_vec(ctx).unwrap(),
+            &flat(&want_dw),
+            RTOL,
+            ATOL,
+            &format!("weight gradient {v:?}"),
+        );
+    }
     let want_db: Vec<f32> = conv3d_backward_bias_f64(&g64)
         .iter()
         .map(|&v| v as f32)
@@ -282,9 +284,17 @@ fn mismatched_gradient_shapes_are_errors() {
     .to_string();
     assert!(e.contains("'dy'") && e.contains("do not match"), "{e}");
     let dw = Tensor::zeros(&ctx, s(4, 3, 3, 3, 3), "dw").unwrap();
-    let e = conv3d_backward_weight(&ctx, &mut rec, x.all(), bad_g.all(), &dw, &spec)
-        .unwrap_err()
-        .to_string();
+    let e = conv3d_backward_weight(
+        &ctx,
+        &mut rec,
+        x.all(),
+        bad_g.all(),
+        &dw,
+        &spec,
+        Conv3dVariant::Auto,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("do not match"), "{e}");
     let db = Tensor::zeros(&ctx, s(1, 5, 1, 1, 1), "db").unwrap();
     let e = conv3d_backward_bias(&ctx, &mut rec, bad_g.all(), &db)

@@ -705,7 +705,7 @@ pub fn conv3d_forward_f64(
                                 }
                             },
                         );
-                        out[[b, co, z, y, x]] = if spec.relu { acc.max(0.0) } else { acc };
+                        out[[b, co, z, y, x]] = if spec.relu && acc < 0.0 { 0.0 } else { acc };
                     }
                 }
             }

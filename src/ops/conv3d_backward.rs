@@ -56,6 +56,22 @@ pub fn conv3d_backward_input(
     spec: &Conv3dSpec,
     variant: Conv3dVariant,
 ) -> Result<()> {
+    transposed_conv(ctx, rec, grad_out, weight, None, grad_in, spec, variant)
+}
+
+/// The input gradient of `spec`'s convolution as an operator (a transposed convolution):
+/// `dst = conv3d_backward_input(src) + bias`. Shared with `conv_transpose3d`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn transposed_conv(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    grad_out: ChannelSlice<'_>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    grad_in: ChannelSlice<'_>,
+    spec: &Conv3dSpec,
+    variant: Conv3dVariant,
+) -> Result<()> {
     let gi = grad_in.tensor.shape();
     check_grad_out(
         gi,
@@ -95,48 +111,117 @@ pub fn conv3d_backward_input(
             tile,
             subgroup: sub,
         },
-        None,
+        bias,
         grad_in,
         false,
     )
 }
 
-/// Generates the unrolled parts of `shaders/conv3d_backward_weight.wgsl` for width `kw`.
-pub fn backward_weight_source(kw: usize) -> String {
+/// Output positions along W that one weight-gradient step covers (one 8-lane block).
+const WGRAD_BLOCK: usize = 8;
+
+/// Generates the unrolled parts of `shaders/conv3d_backward_weight.wgsl` for kernel
+/// width `kw`, stride `sw`, `tco` output channels per invocation, and the subgroup
+/// (gradients shared by shuffles) or plain variant.
+pub fn backward_weight_source(kw: usize, sw: usize, tco: usize, subgroup: bool) -> String {
     use std::fmt::Write;
-    let (mut acc, mut mac, mut epi) = (String::new(), String::new(), String::new());
-    for x in 0..kw {
-        let _ = writeln!(mac, "                let x{x} = xp[xb + {x}u];");
+    let (mut rows, mut acc, mut mac, mut epi) =
+        (String::new(), String::new(), String::new(), String::new());
+    let span = (WGRAD_BLOCK - 1) * sw + kw;
+    for m in 0..span {
+        let _ = writeln!(mac, "                let x{m} = xp[xb + {m}u];");
     }
-    for (c, lane) in ["x", "y", "z", "w"].iter().enumerate() {
-        for x in 0..kw {
-            let _ = writeln!(acc, "    var a{c}_{x} = vec4<f32>(0.0);");
+    for c in 0..tco {
+        let _ = writeln!(
+            rows,
+            "    let g{c} = (gc + min(co0 + {c}u, p.cout - 1u)) * vol;"
+        );
+        if subgroup {
             let _ = writeln!(
                 mac,
-                "                a{c}_{x} = a{c}_{x} + gv.{lane} * x{x};"
+                "                let dl{c} = grad_at(g{c} + grow, ox0, j);"
             );
+        }
+        for x in 0..kw {
+            let _ = writeln!(acc, "    var a{c}_{x} = vec4<f32>(0.0);");
             let _ = writeln!(
                 epi,
                 "    store(chunk, co0, {c}u, ci4, kbase, {x}u, kvol, a{c}_{x});"
             );
         }
     }
+    for t in 0..WGRAD_BLOCK {
+        for c in 0..tco {
+            if subgroup {
+                let _ = writeln!(
+                    mac,
+                    "                let d{c}_{t} = subgroupShuffle(dl{c}, blk + {t}u);"
+                );
+            } else {
+                let _ = writeln!(
+                    mac,
+                    "                let d{c}_{t} = grad_at(g{c} + grow, ox0, {t}u);"
+                );
+            }
+            for x in 0..kw {
+                let _ = writeln!(
+                    mac,
+                    "                a{c}_{x} = a{c}_{x} + d{c}_{t} * x{};",
+                    t * sw + x
+                );
+            }
+        }
+    }
+    let (args, setup) = if subgroup {
+        (
+            "@builtin(subgroup_invocation_id) sg_lane: u32,",
+            "let j = sg_lane & 7u;\n    let blk = sg_lane & (SG - 8u);",
+        )
+    } else {
+        ("", "")
+    };
     WEIGHT_GRAD_SRC
+        .replace("//{{ENTRY_ARGS}}", args)
+        .replace("//{{SETUP}}", setup)
+        .replace("    //{{GRAD_ROWS}}\n", &rows)
         .replace("    //{{ACC_DECL}}\n", &acc)
         .replace("                //{{MAC_BLOCK}}\n", &mac)
         .replace("    //{{EPILOGUE}}\n", &epi)
 }
 
-fn weight_grad_key(k: [usize; 3], s: [usize; 3]) -> Result<PipelineKey> {
-    Ok(
-        PipelineKey::new("conv3d_backward_weight", "conv3d_backward_weight")
-            .with_const("KD", as_u32(k[0], "kernel D")?)
-            .with_const("KH", as_u32(k[1], "kernel H")?)
-            .with_const("KW", as_u32(k[2], "kernel W")?)
-            .with_const("SD", as_u32(s[0], "stride D")?)
-            .with_const("SH", as_u32(s[1], "stride H")?)
-            .with_const("SW", as_u32(s[2], "stride W")?),
-    )
+/// Output channels per weight-gradient invocation (env `MASNET_WGRAD_TCO` overrides).
+fn weight_grad_tco(cout: usize) -> usize {
+    let default = if cout >= 8 { 8 } else { 4 };
+    std::env::var("MASNET_WGRAD_TCO")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|t| (1..=16).contains(t))
+        .unwrap_or(default)
+}
+
+fn weight_grad_key(
+    k: [usize; 3],
+    s: [usize; 3],
+    tco: usize,
+    subgroup: Option<u32>,
+) -> Result<PipelineKey> {
+    let name = if subgroup.is_some() {
+        "conv3d_backward_weight_subgroup"
+    } else {
+        "conv3d_backward_weight"
+    };
+    let mut key = PipelineKey::new(name, "conv3d_backward_weight");
+    if let Some(sg) = subgroup {
+        key = key.with_const("SG", sg);
+    }
+    Ok(key
+        .with_const("TCO", as_u32(tco, "channel tile")?)
+        .with_const("KD", as_u32(k[0], "kernel D")?)
+        .with_const("KH", as_u32(k[1], "kernel H")?)
+        .with_const("KW", as_u32(k[2], "kernel W")?)
+        .with_const("SD", as_u32(s[0], "stride D")?)
+        .with_const("SH", as_u32(s[1], "stride H")?)
+        .with_const("SW", as_u32(s[2], "stride W")?))
 }
 
 /// Records `grad_weight = dL/dW` (`[Cout, Cin, kd, kh, kw]`, overwritten) for
@@ -148,6 +233,7 @@ pub fn conv3d_backward_weight(
     grad_out: ChannelSlice<'_>,
     grad_weight: &Tensor,
     spec: &Conv3dSpec,
+    variant: Conv3dVariant,
 ) -> Result<()> {
     let xs = input.tensor.shape();
     let ws = grad_weight.shape();
@@ -164,7 +250,14 @@ pub fn conv3d_backward_weight(
     let [sd, sh, sw] = spec.stride;
     let n = xs.n();
     let c4 = cin.div_ceil(4);
-    let ext = [(od - 1) * sd + kd, (oh - 1) * sh + kh, (ow - 1) * sw + kw];
+    let sub = subgroup_size_for(ctx, variant)?;
+    // W covers whole blocks of WGRAD_BLOCK output positions (the kernel reads them all).
+    let ow_blocks = ow.div_ceil(WGRAD_BLOCK) * WGRAD_BLOCK;
+    let ext = [
+        (od - 1) * sd + kd,
+        (oh - 1) * sh + kh,
+        (ow_blocks - 1) * sw + kw,
+    ];
     let packed_x = pack_input(
         ctx,
         rec,
@@ -187,12 +280,15 @@ pub fn conv3d_backward_weight(
         Shape5::new(1, 1, 1, chunks, len),
         "conv3d weight partials",
     )?;
-    let co_tiles = cout.div_ceil(4);
-    let total = chunks * co_tiles * c4 * kd * kh;
+    let tco = weight_grad_tco(cout);
+    let co_tiles = cout.div_ceil(tco);
+    let inner = c4 * kd * kh;
+    let inner_pad = inner.div_ceil(8) * 8;
+    let total = chunks * co_tiles * inner_pad;
     let pipe = ctx.pipelines.get(
         &ctx.device,
-        &weight_grad_key([kd, kh, kw], spec.stride)?,
-        &backward_weight_source(kw),
+        &weight_grad_key([kd, kh, kw], spec.stride, tco, sub)?,
+        &backward_weight_source(kw, sw, tco, sub.is_some()),
         &[
             Binding::ReadOnly,
             Binding::ReadOnly,
@@ -220,6 +316,10 @@ pub fn conv3d_backward_weight(
             total,
             zc,
             zblocks,
+            inner,
+            inner_pad,
+            0,
+            0,
         ])?,
     );
     dispatch(
@@ -270,16 +370,21 @@ pub fn conv3d_backward_bias(
 
 /// Every shader of this family (for the portability test).
 pub fn shader_variants() -> Vec<(String, String)> {
-    [(3, 1), (5, 2), (1, 1)]
-        .iter()
-        .map(|&(k, s)| {
-            let key = weight_grad_key([k; 3], [s; 3]).expect("small constants");
-            (
-                format!("conv3d_backward_weight k{k} s{s}"),
-                format!("{}{}", key.prelude(), backward_weight_source(k)),
-            )
-        })
-        .collect()
+    let mut v = Vec::new();
+    for (k, s, t) in [(3, 1, 8), (5, 2, 4), (1, 1, 8)] {
+        for sub in [None, Some(8), Some(32)] {
+            let key = weight_grad_key([k; 3], [s; 3], t, sub).expect("small constants");
+            v.push((
+                format!("{} k{k} s{s} tco{t} sg{sub:?}", key.shader),
+                format!(
+                    "{}{}",
+                    key.prelude(),
+                    backward_weight_source(k, s, t, sub.is_some())
+                ),
+            ));
+        }
+    }
+    v
 }
 
 /// CPU reference of the input gradient in f64: `dx` of shape `[N, Cin, input]`.

@@ -1,6 +1,7 @@
 //! Small helpers shared by op launchers: uniform buffers and bind groups.
 
-use crate::gpu::{CachedPipelineRef, GpuContext, Recorder, WorkgroupGrid};
+use crate::gpu::{Binding, CachedPipelineRef, GpuContext, PipelineKey, Recorder, WorkgroupGrid};
+use crate::tensor::Tensor;
 use wgpu::util::DeviceExt;
 
 /// Uploads a `u32` parameter block as a uniform buffer (padded to 16 bytes).
@@ -63,4 +64,50 @@ pub(crate) fn dispatch(
     pass.set_bind_group(0, &bg, &[]);
     pass.dispatch_workgroups(grid.dims[0], grid.dims[1], grid.dims[2]);
     Ok(())
+}
+
+/// One storage operand of [`launch`].
+pub(crate) enum Arg<'a> {
+    /// Bound `var<storage, read>`.
+    Read(&'a Tensor),
+    /// Bound `var<storage, read_write>`.
+    Write(&'a Tensor),
+}
+
+/// Records one dispatch of `entry` in `src` (shader file stem `shader`) over `threads`
+/// invocations in workgroups of 64: binds `args` in order as group 0 bindings 0.., then
+/// `params` (u32 words; pass f32 as `to_bits()`) as a uniform at the next binding.
+/// Shaders compute `i = (wid.x + nwg.x * (wid.y + nwg.y * wid.z)) * 64 + lid` and
+/// return when `i` is past the end.
+pub(crate) fn launch(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    key: PipelineKey,
+    src: &str,
+    args: &[Arg<'_>],
+    params: &[u32],
+    threads: usize,
+) -> crate::Result<()> {
+    let mut bindings: Vec<Binding> = args
+        .iter()
+        .map(|a| match a {
+            Arg::Read(_) => Binding::ReadOnly,
+            Arg::Write(_) => Binding::ReadWrite,
+        })
+        .collect();
+    bindings.push(Binding::Uniform);
+    let pipe = ctx.pipelines.get(&ctx.device, &key, src, &bindings)?;
+    let uniform = uniform_u32(ctx, params);
+    let mut buffers: Vec<(&wgpu::Buffer, u64)> = args
+        .iter()
+        .map(|a| match a {
+            Arg::Read(t) | Arg::Write(t) => (t.buffer(), t.bytes()),
+        })
+        .collect();
+    buffers.push((&uniform, uniform.size()));
+    let grid = crate::gpu::workgroup_grid(
+        threads.div_ceil(64) as u64,
+        ctx.limits.max_compute_workgroups_per_dimension,
+    )?;
+    dispatch(ctx, rec, &pipe, &buffers, grid)
 }
