@@ -28,6 +28,14 @@ pub enum Error {
         /// wgpu's own message.
         message: String,
     },
+    /// Training produced a non-finite loss.
+    #[error("training diverged at step {step}: the loss is {value} (lower the learning rate, check the inputs for NaN/Inf)")]
+    Diverged {
+        /// 1-based step at which the loss was read.
+        step: u64,
+        /// The loss value.
+        value: f64,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

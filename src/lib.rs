@@ -1,13 +1,18 @@
 //! masnet-wgpu: a GPU tensor engine on wgpu/WGSL that trains and runs 3D-MASNet.
 //!
 //! Layers, lowest first: [`gpu`] (device, buffers, pipelines) → [`tensor`] → [`ops`]
-//! (WGSL kernels with CPU references) → [`bench`]. Lower layers never import higher ones.
+//! (WGSL kernels with CPU references) → [`autograd`] (tape, parameter store) → [`optim`]
+//! (Adam), with [`schedule`] and [`init`] beside them; [`bench`] measures the kernels. Lower layers never import higher ones.
 
+pub mod autograd;
 pub mod bench;
 pub mod error;
 pub mod gpu;
+pub mod init;
 pub mod ops;
+pub mod optim;
 pub mod rng;
+pub mod schedule;
 pub mod tensor;
 
 pub use error::{Error, Result};

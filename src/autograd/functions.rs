@@ -1,0 +1,540 @@
+//! Differentiable ops on a [`Graph`]: each runs the forward kernel and records a
+//! backward closure built from the ops' backward kernels.
+
+use super::{Graph, Mode, Var};
+use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
+use crate::ops::batchnorm::{self, BatchNormSpec};
+use crate::ops::conv3d::{conv3d_check, conv3d_forward, Conv3dSpec, Conv3dVariant};
+use crate::ops::conv3d_backward::{
+    conv3d_backward_bias, conv3d_backward_input, conv3d_backward_weight,
+};
+use crate::ops::conv_transpose3d::{
+    conv_transpose3d_backward_bias, conv_transpose3d_backward_input,
+    conv_transpose3d_backward_weight, conv_transpose3d_check, conv_transpose3d_forward,
+    ConvTranspose3dSpec,
+};
+use crate::ops::elementwise;
+use crate::ops::loss;
+use crate::ops::pool::{self, PoolSpec};
+use crate::ops::upsample;
+use crate::tensor::{Shape5, Tensor};
+use std::rc::Rc;
+
+const AUTO: Conv3dVariant = Conv3dVariant::Auto;
+
+fn empty(ctx: &GpuContext, shape: Shape5, name: &str) -> Result<Tensor> {
+    Tensor::empty(ctx, shape, name)
+}
+
+impl Graph<'_> {
+    fn tensor(&self, v: Var) -> Result<Rc<Tensor>> {
+        Ok(self.value(v)?.clone())
+    }
+
+    /// `conv3d(x, w) + b`, ReLU fused when `spec.relu`.
+    pub fn conv3d(&mut self, x: Var, w: Var, b: Option<Var>, spec: Conv3dSpec) -> Result<Var> {
+        let c = self.value(x)?.shape().c();
+        self.conv3d_channels(x, 0, c, w, b, spec)
+    }
+
+    /// Like [`Graph::conv3d`] on input channels `offset .. offset + count` of `x`
+    /// (MixACB groups read their channel range in place).
+    pub fn conv3d_channels(
+        &mut self,
+        x: Var,
+        offset: usize,
+        count: usize,
+        w: Var,
+        b: Option<Var>,
+        spec: Conv3dSpec,
+    ) -> Result<Var> {
+        let (xt, wt) = (self.tensor(x)?, self.tensor(w)?);
+        let bt = b.map(|b| self.tensor(b)).transpose()?;
+        let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;
+        let oshape = conv3d_check(xt.shape(), (offset, count), wt.shape(), bias_len, &spec)?;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, oshape, "conv3d")?);
+        conv3d_forward(
+            ctx,
+            &mut self.rec,
+            xt.channels(offset, count)?,
+            &wt,
+            bt.as_deref(),
+            y.all(),
+            &spec,
+            AUTO,
+        )?;
+        let saved_y = spec.relu.then(|| y.clone());
+        let mut inputs = vec![x, w];
+        inputs.extend(b);
+        let has_bias = b.is_some();
+        self.push("conv3d", y, &inputs, move |ctx, rec, gy, needs| {
+            let masked = match &saved_y {
+                Some(y) => {
+                    let g = empty(ctx, gy.shape(), "relu grad")?;
+                    elementwise::relu_backward(ctx, rec, y, gy, &g)?;
+                    Some(g)
+                }
+                None => None,
+            };
+            let g = masked.as_ref().unwrap_or(gy);
+            let mut out = vec![None, None, None];
+            if needs[0] {
+                let full = offset == 0 && count == xt.shape().c();
+                let dx = if full {
+                    empty(ctx, xt.shape(), "conv3d dx")?
+                } else {
+                    Tensor::zeros_recorded(ctx, rec, xt.shape(), "conv3d dx")?
+                };
+                conv3d_backward_input(
+                    ctx,
+                    rec,
+                    g.all(),
+                    &wt,
+                    dx.channels(offset, count)?,
+                    &spec,
+                    AUTO,
+                )?;
+                out[0] = Some(dx);
+            }
+            if needs[1] {
+                let dw = empty(ctx, wt.shape(), "conv3d dw")?;
+                conv3d_backward_weight(
+                    ctx,
+                    rec,
+                    xt.channels(offset, count)?,
+                    g.all(),
+                    &dw,
+                    &spec,
+                    AUTO,
+                )?;
+                out[1] = Some(dw);
+            }
+            if has_bias && needs[2] {
+                let db = empty(ctx, Shape5::new(1, g.shape().c(), 1, 1, 1), "conv3d db")?;
+                conv3d_backward_bias(ctx, rec, g.all(), &db)?;
+                out[2] = Some(db);
+            }
+            out.truncate(if has_bias { 3 } else { 2 });
+            Ok(out)
+        })
+    }
+
+    /// Transposed convolution (weight `[Cin, Cout, k..]`) plus bias.
+    pub fn conv_transpose3d(
+        &mut self,
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+        spec: ConvTranspose3dSpec,
+    ) -> Result<Var> {
+        let (xt, wt) = (self.tensor(x)?, self.tensor(w)?);
+        let bt = b.map(|b| self.tensor(b)).transpose()?;
+        let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;
+        let oshape =
+            conv_transpose3d_check(xt.shape(), xt.shape().c(), wt.shape(), bias_len, &spec)?;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, oshape, "conv_transpose3d")?);
+        conv_transpose3d_forward(
+            ctx,
+            &mut self.rec,
+            xt.all(),
+            &wt,
+            bt.as_deref(),
+            y.all(),
+            &spec,
+            AUTO,
+        )?;
+        let mut inputs = vec![x, w];
+        inputs.extend(b);
+        let has_bias = b.is_some();
+        self.push(
+            "conv_transpose3d",
+            y,
+            &inputs,
+            move |ctx, rec, gy, needs| {
+                let mut out = vec![None, None, None];
+                if needs[0] {
+                    let dx = empty(ctx, xt.shape(), "conv_transpose3d dx")?;
+                    conv_transpose3d_backward_input(
+                        ctx,
+                        rec,
+                        gy.all(),
+                        &wt,
+                        dx.all(),
+                        &spec,
+                        AUTO,
+                    )?;
+                    out[0] = Some(dx);
+                }
+                if needs[1] {
+                    let dw = empty(ctx, wt.shape(), "conv_transpose3d dw")?;
+                    conv_transpose3d_backward_weight(
+                        ctx,
+                        rec,
+                        xt.all(),
+                        gy.all(),
+                        &dw,
+                        &spec,
+                        AUTO,
+                    )?;
+                    out[1] = Some(dw);
+                }
+                if has_bias && needs[2] {
+                    let db = empty(
+                        ctx,
+                        Shape5::new(1, gy.shape().c(), 1, 1, 1),
+                        "conv_transpose3d db",
+                    )?;
+                    conv_transpose3d_backward_bias(ctx, rec, gy.all(), &db)?;
+                    out[2] = Some(db);
+                }
+                out.truncate(if has_bias { 3 } else { 2 });
+                Ok(out)
+            },
+        )
+    }
+
+    /// `max(x, 0)`.
+    pub fn relu(&mut self, x: Var) -> Result<Var> {
+        let xt = self.tensor(x)?;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, xt.shape(), "relu")?);
+        elementwise::relu_forward(ctx, &mut self.rec, &xt, &y)?;
+        let saved = y.clone();
+        self.push("relu", y, &[x], move |ctx, rec, gy, _| {
+            let dx = empty(ctx, gy.shape(), "relu dx")?;
+            elementwise::relu_backward(ctx, rec, &saved, gy, &dx)?;
+            Ok(vec![Some(dx)])
+        })
+    }
+
+    /// `min(max(x, 0), 6)`.
+    pub fn relu6(&mut self, x: Var) -> Result<Var> {
+        let xt = self.tensor(x)?;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, xt.shape(), "relu6")?);
+        elementwise::relu6_forward(ctx, &mut self.rec, &xt, &y)?;
+        self.push("relu6", y, &[x], move |ctx, rec, gy, _| {
+            let dx = empty(ctx, gy.shape(), "relu6 dx")?;
+            elementwise::relu6_backward(ctx, rec, &xt, gy, &dx)?;
+            Ok(vec![Some(dx)])
+        })
+    }
+
+    /// Inverted dropout with drop probability `p` (identity in eval mode); the mask is a
+    /// hash of (`seed`, element index), recomputed in backward.
+    pub fn dropout(&mut self, x: Var, p: f32, seed: u32) -> Result<Var> {
+        if self.mode == Mode::Eval || p == 0.0 {
+            return Ok(x);
+        }
+        let xt = self.tensor(x)?;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, xt.shape(), "dropout")?);
+        elementwise::dropout_forward(ctx, &mut self.rec, &xt, &y, p, seed)?;
+        self.push("dropout", y, &[x], move |ctx, rec, gy, _| {
+            let dx = empty(ctx, gy.shape(), "dropout dx")?;
+            elementwise::dropout_backward(ctx, rec, gy, &dx, p, seed)?;
+            Ok(vec![Some(dx)])
+        })
+    }
+
+    /// `a + b` (same shapes).
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        let (at, bt) = (self.tensor(a)?, self.tensor(b)?);
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, at.shape(), "add")?);
+        elementwise::add(ctx, &mut self.rec, &at, &bt, &y)?;
+        self.push("add", y, &[a, b], move |ctx, rec, gy, needs| {
+            // Both inputs receive the same gradient; copy for the second so each owner
+            // can accumulate into its own tensor.
+            let first = needs[0]
+                .then(|| gy.duplicate(ctx, rec, "add da"))
+                .transpose()?;
+            let second = needs[1]
+                .then(|| gy.duplicate(ctx, rec, "add db"))
+                .transpose()?;
+            Ok(vec![first, second])
+        })
+    }
+
+    /// Sum of several values of the same shape.
+    pub fn sum(&mut self, xs: &[Var]) -> Result<Var> {
+        let (&first, rest) = xs
+            .split_first()
+            .ok_or_else(|| Error::InvalidArgument("sum of no values".into()))?;
+        rest.iter().try_fold(first, |acc, &x| self.add(acc, x))
+    }
+
+    /// `alpha * x`.
+    pub fn scale(&mut self, x: Var, alpha: f32) -> Result<Var> {
+        let xt = self.tensor(x)?;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, xt.shape(), "scale")?);
+        elementwise::scale(ctx, &mut self.rec, &xt, alpha, &y)?;
+        self.push("scale", y, &[x], move |ctx, rec, gy, _| {
+            let dx = empty(ctx, gy.shape(), "scale dx")?;
+            elementwise::scale(ctx, rec, gy, alpha, &dx)?;
+            Ok(vec![Some(dx)])
+        })
+    }
+
+    /// Channel concatenation.
+    pub fn concat(&mut self, xs: &[Var]) -> Result<Var> {
+        let ts: Vec<Rc<Tensor>> = xs.iter().map(|&v| self.tensor(v)).collect::<Result<_>>()?;
+        let first = ts
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("concat of no values".into()))?
+            .shape();
+        let mut c = 0;
+        for t in &ts {
+            let s = t.shape();
+            if s.n() != first.n() || s.spatial() != first.spatial() {
+                return Err(Error::Shape(format!(
+                    "concat: '{}' {s} does not match '{}' {first} in batch or spatial size",
+                    t.name, ts[0].name
+                )));
+            }
+            c += s.c();
+        }
+        let [n, _, d, h, w] = first.0;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, Shape5::new(n, c, d, h, w), "concat")?);
+        let mut off = 0;
+        let mut ranges = Vec::new();
+        for t in &ts {
+            let k = t.shape().c();
+            elementwise::copy_channels(ctx, &mut self.rec, t.all(), y.channels(off, k)?)?;
+            ranges.push((off, k));
+            off += k;
+        }
+        self.push("concat", y, xs, move |ctx, rec, gy, needs| {
+            let mut out = Vec::new();
+            for (&(off, k), &need) in ranges.iter().zip(needs) {
+                out.push(if need {
+                    let s = gy.shape();
+                    let dx = empty(
+                        ctx,
+                        Shape5::new(s.n(), k, s.0[2], s.0[3], s.0[4]),
+                        "concat dx",
+                    )?;
+                    elementwise::copy_channels(ctx, rec, gy.channels(off, k)?, dx.all())?;
+                    Some(dx)
+                } else {
+                    None
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Channels `offset .. offset + count` of `x` as a new value.
+    pub fn slice_channels(&mut self, x: Var, offset: usize, count: usize) -> Result<Var> {
+        let xt = self.tensor(x)?;
+        let src = xt.channels(offset, count)?;
+        let s = xt.shape();
+        let ctx = self.ctx;
+        let y = Rc::new(empty(
+            ctx,
+            Shape5::new(s.n(), count, s.0[2], s.0[3], s.0[4]),
+            "slice",
+        )?);
+        elementwise::copy_channels(ctx, &mut self.rec, src, y.all())?;
+        self.push("slice_channels", y, &[x], move |ctx, rec, gy, _| {
+            let dx = Tensor::zeros_recorded(ctx, rec, s, "slice dx")?;
+            elementwise::copy_channels(ctx, rec, gy.all(), dx.channels(offset, count)?)?;
+            Ok(vec![Some(dx)])
+        })
+    }
+}
+
+/// Which up-sampling interpolation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upsample {
+    /// Nearest neighbour.
+    Nearest,
+    /// Trilinear, `align_corners = False`.
+    Trilinear,
+}
+
+impl Graph<'_> {
+    /// BatchNorm3d: batch statistics (and a running-statistics update) in training
+    /// mode, running statistics in eval mode. `running_mean`/`running_var` are the
+    /// store's buffers.
+    pub fn batchnorm(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        running_mean: Rc<Tensor>,
+        running_var: Rc<Tensor>,
+        spec: BatchNormSpec,
+    ) -> Result<Var> {
+        let (xt, gt, bt) = (self.tensor(x)?, self.tensor(gamma)?, self.tensor(beta)?);
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, xt.shape(), "batchnorm")?);
+        let c1 = Shape5::new(1, xt.shape().c(), 1, 1, 1);
+        if self.mode == Mode::Train {
+            let mean = empty(ctx, c1, "bn saved mean")?;
+            let invstd = empty(ctx, c1, "bn saved invstd")?;
+            batchnorm::batchnorm_train_forward(
+                ctx,
+                &mut self.rec,
+                &xt,
+                &gt,
+                &bt,
+                &running_mean,
+                &running_var,
+                &spec,
+                &y,
+                &mean,
+                &invstd,
+            )?;
+            self.push("batchnorm", y, &[x, gamma, beta], move |ctx, rec, gy, _| {
+                let dx = empty(ctx, xt.shape(), "bn dx")?;
+                let dg = empty(ctx, c1, "bn dgamma")?;
+                let db = empty(ctx, c1, "bn dbeta")?;
+                batchnorm::batchnorm_backward(
+                    ctx, rec, &xt, gy, &gt, &mean, &invstd, &dx, &dg, &db,
+                )?;
+                Ok(vec![Some(dx), Some(dg), Some(db)])
+            })
+        } else {
+            let eps = spec.eps;
+            batchnorm::batchnorm_eval_forward(
+                ctx,
+                &mut self.rec,
+                &xt,
+                &gt,
+                &bt,
+                &running_mean,
+                &running_var,
+                eps,
+                &y,
+            )?;
+            self.push("batchnorm", y, &[x, gamma, beta], move |ctx, rec, gy, _| {
+                let dx = empty(ctx, xt.shape(), "bn dx")?;
+                let dg = empty(ctx, c1, "bn dgamma")?;
+                let db = empty(ctx, c1, "bn dbeta")?;
+                batchnorm::batchnorm_eval_backward(
+                    ctx,
+                    rec,
+                    &xt,
+                    gy,
+                    &gt,
+                    &running_mean,
+                    &running_var,
+                    eps,
+                    &dx,
+                    &dg,
+                    &db,
+                )?;
+                Ok(vec![Some(dx), Some(dg), Some(db)])
+            })
+        }
+    }
+
+    /// Max pooling; the arg-max is saved for backward (ties go to the first voxel).
+    pub fn maxpool3d(&mut self, x: Var, spec: PoolSpec) -> Result<Var> {
+        let xt = self.tensor(x)?;
+        let oshape = spec.output_shape(xt.shape())?;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, oshape, "maxpool3d")?);
+        let argmax = empty(ctx, oshape, "maxpool3d argmax")?;
+        pool::maxpool3d_forward(ctx, &mut self.rec, &xt, &y, &argmax, &spec)?;
+        let ishape = xt.shape();
+        drop(xt);
+        self.push("maxpool3d", y, &[x], move |ctx, rec, gy, _| {
+            let dx = empty(ctx, ishape, "maxpool3d dx")?;
+            pool::maxpool3d_backward(ctx, rec, gy, &argmax, &dx, &spec)?;
+            Ok(vec![Some(dx)])
+        })
+    }
+
+    /// Average pooling.
+    pub fn avgpool3d(&mut self, x: Var, spec: PoolSpec) -> Result<Var> {
+        let xt = self.tensor(x)?;
+        let oshape = spec.output_shape(xt.shape())?;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, oshape, "avgpool3d")?);
+        pool::avgpool3d_forward(ctx, &mut self.rec, &xt, &y, &spec)?;
+        let ishape = xt.shape();
+        self.push("avgpool3d", y, &[x], move |ctx, rec, gy, _| {
+            let dx = empty(ctx, ishape, "avgpool3d dx")?;
+            pool::avgpool3d_backward(ctx, rec, gy, &dx, &spec)?;
+            Ok(vec![Some(dx)])
+        })
+    }
+
+    /// Up-sampling by an integer factor per axis.
+    pub fn upsample(&mut self, x: Var, scale: [usize; 3], mode: Upsample) -> Result<Var> {
+        let xt = self.tensor(x)?;
+        let oshape = upsample::upsample_output_shape(xt.shape(), scale)?;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, oshape, "upsample")?);
+        match mode {
+            Upsample::Nearest => {
+                upsample::upsample_nearest_forward(ctx, &mut self.rec, &xt, &y, scale)?
+            }
+            Upsample::Trilinear => {
+                upsample::upsample_trilinear_forward(ctx, &mut self.rec, &xt, &y, scale)?
+            }
+        }
+        let ishape = xt.shape();
+        self.push("upsample", y, &[x], move |ctx, rec, gy, _| {
+            let dx = empty(ctx, ishape, "upsample dx")?;
+            match mode {
+                Upsample::Nearest => upsample::upsample_nearest_backward(ctx, rec, gy, &dx, scale)?,
+                Upsample::Trilinear => {
+                    upsample::upsample_trilinear_backward(ctx, rec, gy, &dx, scale)?
+                }
+            }
+            Ok(vec![Some(dx)])
+        })
+    }
+
+    /// Mean softmax cross-entropy over channels; `labels` holds class ids `[N, 1, D, H, W]`.
+    pub fn softmax_cross_entropy(&mut self, logits: Var, labels: Var) -> Result<Var> {
+        let (lt, yt) = (self.tensor(logits)?, self.tensor(labels)?);
+        let ctx = self.ctx;
+        let out = Rc::new(empty(ctx, Shape5::new(1, 1, 1, 1, 1), "cross-entropy")?);
+        loss::softmax_cross_entropy_forward(ctx, &mut self.rec, &lt, &yt, &out)?;
+        self.push(
+            "softmax_cross_entropy",
+            out,
+            &[logits, labels],
+            move |ctx, rec, g, _| {
+                let dl = empty(ctx, lt.shape(), "cross-entropy dlogits")?;
+                loss::softmax_cross_entropy_backward(ctx, rec, &lt, &yt, g, &dl)?;
+                Ok(vec![Some(dl), None])
+            },
+        )
+    }
+
+    /// Soft Dice loss over classes (softmax over channels first).
+    pub fn dice_loss(&mut self, logits: Var, labels: Var, eps: f32) -> Result<Var> {
+        let (lt, yt) = (self.tensor(logits)?, self.tensor(labels)?);
+        let ctx = self.ctx;
+        let out = Rc::new(empty(ctx, Shape5::new(1, 1, 1, 1, 1), "dice")?);
+        loss::dice_loss_forward(ctx, &mut self.rec, &lt, &yt, &out, eps)?;
+        self.push(
+            "dice_loss",
+            out,
+            &[logits, labels],
+            move |ctx, rec, g, _| {
+                let dl = empty(ctx, lt.shape(), "dice dlogits")?;
+                loss::dice_loss_backward(ctx, rec, &lt, &yt, g, &dl, eps)?;
+                Ok(vec![Some(dl), None])
+            },
+        )
+    }
+
+    /// Softmax over channels (no gradient; inference output).
+    pub fn softmax_channels(&mut self, logits: Var) -> Result<Rc<Tensor>> {
+        let lt = self.tensor(logits)?;
+        let p = Rc::new(empty(self.ctx, lt.shape(), "softmax")?);
+        loss::softmax_channels(self.ctx, &mut self.rec, &lt, &p)?;
+        Ok(p)
+    }
+}

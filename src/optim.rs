@@ -1,0 +1,126 @@
+//! Adam over a [`ParamStore`]: moment buffers per parameter, the step count, and the
+//! paper's L2 penalty on convolution kernels (applied in the update kernel; its value
+//! for the reported loss is computed only when asked).
+
+use crate::autograd::{Gradients, ParamId, ParamStore};
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, Recorder};
+use crate::ops::adam::{adam_step, sum_of_squares_at, AdamConfig};
+use crate::tensor::{Shape5, Tensor};
+use std::collections::HashMap;
+
+/// The Adam optimiser's state.
+pub struct Adam {
+    /// Hyper-parameters; `lr` is overwritten by the schedule each step.
+    pub config: AdamConfig,
+    step: u32,
+    moments: HashMap<ParamId, (Tensor, Tensor)>,
+}
+
+impl Adam {
+    /// A fresh optimiser (step 0, zero moments created on first use).
+    pub fn new(config: AdamConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            step: 0,
+            moments: HashMap::new(),
+        })
+    }
+
+    /// Number of steps taken.
+    pub fn steps(&self) -> u32 {
+        self.step
+    }
+
+    /// Records one update of every trainable parameter that has a gradient, at `lr`.
+    /// Parameters without a gradient (unused this step) keep their moments unchanged.
+    pub fn step(
+        &mut self,
+        ctx: &GpuContext,
+        rec: &mut Recorder,
+        store: &ParamStore,
+        grads: &Gradients,
+        lr: f32,
+    ) -> Result<()> {
+        let cfg = AdamConfig { lr, ..self.config };
+        cfg.validate()?;
+        self.step = self
+            .step
+            .checked_add(1)
+            .ok_or_else(|| Error::InvalidArgument("Adam step count overflow".into()))?;
+        let step = self.step;
+        for (id, entry) in store.iter() {
+            if !entry.kind.trainable() {
+                continue;
+            }
+            let Some(g) = grads.get(id) else { continue };
+            let (m, v) = match self.moments.entry(id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let shape = entry.value.shape();
+                    let m =
+                        Tensor::zeros_recorded(ctx, rec, shape, &format!("{}.adam_m", entry.name))?;
+                    let v =
+                        Tensor::zeros_recorded(ctx, rec, shape, &format!("{}.adam_v", entry.name))?;
+                    e.insert((m, v))
+                }
+            };
+            adam_step(
+                ctx,
+                rec,
+                &entry.value,
+                g,
+                m,
+                v,
+                step,
+                &cfg,
+                entry.kind.penalised(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Records the L2 penalty terms `Σw²` of every penalised tensor into one tensor;
+    /// [`Adam::l2_value`] turns its read-back values into the loss term.
+    pub fn l2_terms(
+        &self,
+        ctx: &GpuContext,
+        rec: &mut Recorder,
+        store: &ParamStore,
+    ) -> Result<Option<Tensor>> {
+        let ids: Vec<ParamId> = store
+            .iter()
+            .filter(|(_, e)| e.kind.penalised())
+            .map(|(id, _)| id)
+            .collect();
+        if ids.is_empty() || self.config.l2 == 0.0 {
+            return Ok(None);
+        }
+        let out = Tensor::empty(ctx, Shape5::new(1, 1, 1, 1, ids.len()), "l2 terms")?;
+        for (i, &id) in ids.iter().enumerate() {
+            sum_of_squares_at(ctx, rec, store.tensor(id)?, &out, i)?;
+        }
+        Ok(Some(out))
+    }
+
+    /// `l2 · Σ terms` (the penalty added to the reported loss).
+    pub fn l2_value(&self, terms: &[f32]) -> f64 {
+        f64::from(self.config.l2) * terms.iter().map(|&t| f64::from(t)).sum::<f64>()
+    }
+
+    /// The moment tensors of a parameter, once it has been stepped (for checkpoints).
+    pub fn moments(&self, id: ParamId) -> Option<(&Tensor, &Tensor)> {
+        self.moments.get(&id).map(|(m, v)| (m, v))
+    }
+}
+
+/// Returns [`Error::Diverged`] naming `step` when the loss read back is NaN or infinite,
+/// so a training loop stops with a message instead of training on garbage.
+pub fn check_loss(step: u64, loss: f64) -> Result<()> {
+    if loss.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::Diverged { step, value: loss })
+    }
+}

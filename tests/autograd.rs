@@ -1,0 +1,359 @@
+//! The tape: gradients of a composite graph against directional finite differences of
+//! the GPU forward, accumulation when a value is used twice, eval/no-grad behaviour,
+//! and misuse reported as errors.
+
+mod common;
+
+use common::gpu;
+use masnet_wgpu::autograd::{Graph, Mode, ParamId, ParamKind, ParamStore, Var};
+use masnet_wgpu::ops::batchnorm::BatchNormSpec;
+use masnet_wgpu::ops::conv3d::Conv3dSpec;
+use masnet_wgpu::ops::conv_transpose3d::ConvTranspose3dSpec;
+use masnet_wgpu::ops::pool::PoolSpec;
+use masnet_wgpu::rng::Rng;
+use masnet_wgpu::{GpuContext, Shape5, Tensor};
+use std::rc::Rc;
+
+struct Net {
+    store: ParamStore,
+    w1: ParamId,
+    b1: ParamId,
+    gamma: ParamId,
+    beta: ParamId,
+    rm: ParamId,
+    rv: ParamId,
+    wt: ParamId,
+    w2: ParamId,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add(
+    ctx: &GpuContext,
+    s: &mut ParamStore,
+    name: &str,
+    shape: [usize; 5],
+    rng: &mut Rng,
+    lo: f32,
+    hi: f32,
+    kind: ParamKind,
+) -> ParamId {
+    let n = shape.iter().product();
+    s.add(ctx, name, Shape5(shape), &rng.vec_f32(n, lo, hi), kind)
+        .unwrap()
+}
+
+fn net(ctx: &GpuContext) -> Net {
+    let mut rng = Rng::new(7);
+    let mut store = ParamStore::new();
+    let w1 = add(
+        ctx,
+        &mut store,
+        "conv1.weight",
+        [4, 2, 3, 3, 3],
+        &mut rng,
+        -0.3,
+        0.3,
+        ParamKind::ConvWeight,
+    );
+    let b1 = add(
+        ctx,
+        &mut store,
+        "conv1.bias",
+        [1, 4, 1, 1, 1],
+        &mut rng,
+        -0.1,
+        0.1,
+        ParamKind::Affine,
+    );
+    let gamma = add(
+        ctx,
+        &mut store,
+        "bn.weight",
+        [1, 4, 1, 1, 1],
+        &mut rng,
+        0.5,
+        1.5,
+        ParamKind::Affine,
+    );
+    let beta = add(
+        ctx,
+        &mut store,
+        "bn.bias",
+        [1, 4, 1, 1, 1],
+        &mut rng,
+        -0.2,
+        0.2,
+        ParamKind::Affine,
+    );
+    let rm = add(
+        ctx,
+        &mut store,
+        "bn.running_mean",
+        [1, 4, 1, 1, 1],
+        &mut rng,
+        -0.1,
+        0.1,
+        ParamKind::Buffer,
+    );
+    let rv = add(
+        ctx,
+        &mut store,
+        "bn.running_var",
+        [1, 4, 1, 1, 1],
+        &mut rng,
+        0.5,
+        1.5,
+        ParamKind::Buffer,
+    );
+    let wt = add(
+        ctx,
+        &mut store,
+        "up.weight",
+        [8, 3, 2, 2, 2],
+        &mut rng,
+        -0.3,
+        0.3,
+        ParamKind::ConvWeight,
+    );
+    let w2 = add(
+        ctx,
+        &mut store,
+        "head.weight",
+        [3, 3, 1, 1, 1],
+        &mut rng,
+        -0.5,
+        0.5,
+        ParamKind::ConvWeight,
+    );
+    Net {
+        store,
+        w1,
+        b1,
+        gamma,
+        beta,
+        rm,
+        rv,
+        wt,
+        w2,
+    }
+}
+
+/// conv+bias -> BN -> concat with itself (reuse) -> avgpool -> transposed conv -> 1x1
+/// conv -> cross-entropy. Smooth everywhere, so finite differences are meaningful.
+fn forward(g: &mut Graph<'_>, n: &Net, x: Var, labels: Var) -> Var {
+    let p = |g: &mut Graph<'_>, id| g.param(&n.store, id).unwrap();
+    let (w1, b1, gm, bt, wt, w2) = (
+        p(g, n.w1),
+        p(g, n.b1),
+        p(g, n.gamma),
+        p(g, n.beta),
+        p(g, n.wt),
+        p(g, n.w2),
+    );
+    let h = g.conv3d(x, w1, Some(b1), Conv3dSpec::same([3; 3])).unwrap();
+    let rm = n.store.tensor(n.rm).unwrap().clone();
+    let rv = n.store.tensor(n.rv).unwrap().clone();
+    let h = g
+        .batchnorm(h, gm, bt, rm, rv, BatchNormSpec::keras())
+        .unwrap();
+    let h = g.concat(&[h, h]).unwrap();
+    let h = g.avgpool3d(h, PoolSpec::cube(2, 2, 0)).unwrap();
+    let h = g
+        .conv_transpose3d(h, wt, None, ConvTranspose3dSpec::keras_same([2; 3], [2; 3]))
+        .unwrap();
+    let logits = g.conv3d(h, w2, None, Conv3dSpec::default()).unwrap();
+    g.softmax_cross_entropy(logits, labels).unwrap()
+}
+
+fn inputs(ctx: &GpuContext) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = Rng::new(11);
+    let x = rng.vec_f32(2 * 2 * 4 * 6 * 4, -1.0, 1.0);
+    let labels = (0..2 * 4 * 6 * 4).map(|_| rng.below(3) as f32).collect();
+    let _ = ctx;
+    (x, labels)
+}
+
+fn loss_value(ctx: &GpuContext, n: &Net, x: &[f32], labels: &[f32]) -> f64 {
+    let mut g = Graph::new(ctx, Mode::Train);
+    let xv = g.input(Tensor::from_slice(ctx, Shape5::new(2, 2, 4, 6, 4), x, "x").unwrap());
+    let lv =
+        g.input(Tensor::from_slice(ctx, Shape5::new(2, 1, 4, 6, 4), labels, "labels").unwrap());
+    let l = forward(&mut g, n, xv, lv);
+    g.submit();
+    g.value(l).unwrap().to_vec(ctx).unwrap()[0] as f64
+}
+
+#[test]
+fn gradients_match_directional_finite_differences() {
+    let ctx = gpu();
+    let n = net(&ctx);
+    let (x, labels) = inputs(&ctx);
+    let mut g = Graph::new(&ctx, Mode::Train);
+    let xv = g.variable(Tensor::from_slice(&ctx, Shape5::new(2, 2, 4, 6, 4), &x, "x").unwrap());
+    let lv =
+        g.input(Tensor::from_slice(&ctx, Shape5::new(2, 1, 4, 6, 4), &labels, "labels").unwrap());
+    let l = forward(&mut g, &n, xv, lv);
+    let grads = g.backward(l).unwrap();
+    g.submit();
+    let gx = g.grad(xv).unwrap().to_vec(&ctx).unwrap();
+    let mut checked = Vec::new();
+    // One random direction per tensor: (L(p + h u) - L(p - h u)) / 2h = <dL/dp, u>.
+    let h = 1e-2f32;
+    let mut rng = Rng::new(99);
+    for (id, name) in [
+        (n.w1, "w1"),
+        (n.b1, "b1"),
+        (n.gamma, "gamma"),
+        (n.beta, "beta"),
+        (n.wt, "wt"),
+        (n.w2, "w2"),
+    ] {
+        let t: &Rc<Tensor> = n.store.tensor(id).unwrap();
+        let p0 = t.to_vec(&ctx).unwrap();
+        let grad = grads
+            .get(id)
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .to_vec(&ctx)
+            .unwrap();
+        let u = rng.vec_f32(p0.len(), -1.0, 1.0);
+        let set = |s: f32| {
+            let v: Vec<f32> = p0.iter().zip(&u).map(|(a, b)| a + s * b).collect();
+            ctx.queue
+                .write_buffer(t.buffer(), 0, bytemuck::cast_slice(&v));
+        };
+        set(h);
+        let lp = loss_value(&ctx, &n, &x, &labels);
+        set(-h);
+        let lm = loss_value(&ctx, &n, &x, &labels);
+        set(0.0);
+        let fd = (lp - lm) / (2.0 * h as f64);
+        let an: f64 = grad
+            .iter()
+            .zip(&u)
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum();
+        checked.push((name, fd, an));
+        assert!(
+            (fd - an).abs() <= 2e-2 * fd.abs().max(an.abs()) + 2e-4,
+            "{name}: finite difference {fd} vs gradient {an}"
+        );
+    }
+    let u = rng.vec_f32(x.len(), -1.0, 1.0);
+    let shifted = |s: f32| -> Vec<f32> { x.iter().zip(&u).map(|(a, b)| a + s * b).collect() };
+    let fd = (loss_value(&ctx, &n, &shifted(h), &labels)
+        - loss_value(&ctx, &n, &shifted(-h), &labels))
+        / (2.0 * h as f64);
+    let an: f64 = gx
+        .iter()
+        .zip(&u)
+        .map(|(a, b)| (*a as f64) * (*b as f64))
+        .sum();
+    assert!(
+        (fd - an).abs() <= 2e-2 * fd.abs().max(an.abs()) + 2e-4,
+        "x: finite difference {fd} vs gradient {an}"
+    );
+    // Buffers never get gradients.
+    assert!(grads.get(n.rm).is_none() && grads.get(n.rv).is_none());
+    assert_eq!(grads.len(), 6, "{checked:?}");
+}
+
+#[test]
+fn a_value_used_twice_accumulates_its_gradient() {
+    let ctx = gpu();
+    let mut rng = Rng::new(3);
+    let mut store = ParamStore::new();
+    let w = add(
+        &ctx,
+        &mut store,
+        "w",
+        [3, 2, 3, 3, 3],
+        &mut rng,
+        -0.5,
+        0.5,
+        ParamKind::ConvWeight,
+    );
+    let x = rng.vec_f32(2 * 2 * 5 * 4 * 3, -1.0, 1.0);
+    let labels: Vec<f32> = (0..2 * 5 * 4 * 3).map(|_| rng.below(3) as f32).collect();
+    let run = |twice: bool| -> Vec<f32> {
+        let mut g = Graph::new(&ctx, Mode::Train);
+        let xv = g.input(Tensor::from_slice(&ctx, Shape5::new(2, 2, 5, 4, 3), &x, "x").unwrap());
+        let lv =
+            g.input(Tensor::from_slice(&ctx, Shape5::new(2, 1, 5, 4, 3), &labels, "l").unwrap());
+        let wv = g.param(&store, w).unwrap();
+        let y = g.conv3d(xv, wv, None, Conv3dSpec::same([3; 3])).unwrap();
+        let y2 = if twice {
+            // y feeds two ops, and the parameter is fetched twice (same node).
+            let w_again = g.param(&store, w).unwrap();
+            assert_eq!(w_again, wv);
+            g.add(y, y).unwrap()
+        } else {
+            g.scale(y, 2.0).unwrap()
+        };
+        let l = g.softmax_cross_entropy(y2, lv).unwrap();
+        let grads = g.backward(l).unwrap();
+        g.submit();
+        grads.get(w).unwrap().to_vec(&ctx).unwrap()
+    };
+    let a = run(true);
+    let b = run(false);
+    common::assert_close(&a, &b, 1e-5, 1e-6, "add(y, y) vs scale(y, 2)");
+    assert!(a.iter().any(|v| v.abs() > 1e-4));
+}
+
+#[test]
+fn no_grad_and_misuse_are_errors() {
+    let ctx = gpu();
+    let mut rng = Rng::new(5);
+    let mut store = ParamStore::new();
+    let w = add(
+        &ctx,
+        &mut store,
+        "w",
+        [2, 1, 1, 1, 1],
+        &mut rng,
+        -0.5,
+        0.5,
+        ParamKind::ConvWeight,
+    );
+    let x = Tensor::from_slice(&ctx, Shape5::new(1, 1, 2, 2, 2), &[0.5; 8], "x").unwrap();
+    let lab = Tensor::from_slice(&ctx, Shape5::new(1, 1, 2, 2, 2), &[1.0; 8], "l").unwrap();
+    let mut g = Graph::no_grad(&ctx, Mode::Eval);
+    let xv = g.input(x);
+    let lv = g.input(lab);
+    let wv = g.param(&store, w).unwrap();
+    let y = g.conv3d(xv, wv, None, Conv3dSpec::default()).unwrap();
+    let l = g.softmax_cross_entropy(y, lv).unwrap();
+    let e = g
+        .backward(l)
+        .err()
+        .expect("backward on a no_grad graph")
+        .to_string();
+    assert!(
+        e.contains("does not depend on anything that needs a gradient"),
+        "{e}"
+    );
+    // A gradient for a constant input.
+    let e = g.grad(xv).expect_err("grad of an input").to_string();
+    assert!(e.contains("not on the gradient tape"), "{e}");
+    // A value from another graph.
+    let mut other = Graph::new(&ctx, Mode::Train);
+    let e = other.relu(y).expect_err("foreign value").to_string();
+    assert!(e.contains("another graph"), "{e}");
+    // Backward from a non-scalar.
+    let xv2 = other
+        .variable(Tensor::from_slice(&ctx, Shape5::new(1, 1, 2, 2, 2), &[0.5; 8], "x2").unwrap());
+    let r = other.relu(xv2).unwrap();
+    let e = other
+        .backward(r)
+        .err()
+        .expect("non-scalar loss")
+        .to_string();
+    assert!(e.contains("scalar"), "{e}");
+    // Shape mismatch inside an op names it.
+    let wv2 = other.param(&store, w).unwrap();
+    let bad = other
+        .conv3d(r, wv2, Some(xv2), Conv3dSpec::default())
+        .expect_err("bias shape")
+        .to_string();
+    assert!(bad.contains("bias"), "{bad}");
+}
