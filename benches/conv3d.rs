@@ -1,8 +1,9 @@
-//! Criterion benchmarks of the conv3d forward workloads (W1, W2, W3) on the default
-//! adapter; `masnet-wgpu bench conv` runs the same workloads and prints GFLOP/s.
+//! Criterion benchmarks of the conv3d forward workloads (W1, W2, W3) and of the W1
+//! backward (input and weight gradients) on the default adapter; `masnet-wgpu bench
+//! conv` runs the same workloads and prints GFLOP/s.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use masnet_wgpu::bench::{bench_conv_forward, conv_workloads};
+use masnet_wgpu::bench::{bench_conv_backward_w1, bench_conv_forward, conv_workloads};
 use masnet_wgpu::ops::Conv3dVariant;
 use masnet_wgpu::GpuContext;
 use std::time::Duration;
@@ -26,5 +27,28 @@ fn conv3d_forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv3d_forward);
+fn conv3d_backward(c: &mut Criterion) {
+    let ctx = GpuContext::from_env().expect("a GPU adapter (see `masnet-wgpu info`)");
+    let mut g = c.benchmark_group("conv3d");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    for (i, name) in ["conv3d.bwd_input.W1", "conv3d.bwd_weight.W1"]
+        .into_iter()
+        .enumerate()
+    {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    // Times both gradients, reports the one this benchmark is about.
+                    let r = bench_conv_backward_w1(&ctx, 1).expect("bench");
+                    total += Duration::from_secs_f64(r[i].ms / 1e3);
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, conv3d_forward, conv3d_backward);
 criterion_main!(benches);

@@ -357,3 +357,89 @@ fn no_grad_and_misuse_are_errors() {
         .to_string();
     assert!(bad.contains("bias"), "{bad}");
 }
+
+/// relu6 -> dropout -> reshape -> self-attention (matmul, row softmax, matmul) ->
+/// reshape -> max pool -> trilinear up-sampling -> nearest up-sampling of a pooled
+/// copy, summed -> 1x1 conv -> cross-entropy + Dice: every remaining tape op.
+fn attention_loss(g: &mut Graph<'_>, x: Var, w: Var, labels: Var) -> Var {
+    use masnet_wgpu::autograd::Upsample;
+    let h = g.scale(x, 3.0).unwrap();
+    let h = g.relu6(h).unwrap();
+    let h = g.dropout(h, 0.3, 1234).unwrap();
+    let r = g.reshape(h, Shape5::new(1, 1, 1, 6, 32)).unwrap();
+    let scores = g.batched_matmul(r, r, false, true).unwrap();
+    let att = g.softmax_rows(scores).unwrap();
+    let o = g.batched_matmul(att, r, false, false).unwrap();
+    let o = g.reshape(o, Shape5::new(1, 6, 2, 4, 4)).unwrap();
+    let p = g.maxpool3d(o, PoolSpec::cube(2, 2, 0)).unwrap();
+    let up = g.upsample(p, [2, 2, 2], Upsample::Trilinear).unwrap();
+    let a = g.avgpool3d(o, PoolSpec::cube(2, 2, 0)).unwrap();
+    let near = g.upsample(a, [2, 2, 2], Upsample::Nearest).unwrap();
+    let u = g.sum(&[up, near, o]).unwrap();
+    let logits = g.conv3d(u, w, None, Conv3dSpec::default()).unwrap();
+    let ce = g.softmax_cross_entropy(logits, labels).unwrap();
+    let dice = g.dice_loss(logits, labels, 1.0).unwrap();
+    g.add(ce, dice).unwrap()
+}
+
+#[test]
+fn every_tape_op_passes_a_directional_finite_difference_check() {
+    let ctx = gpu();
+    let mut rng = Rng::new(21);
+    // Values at least 0.05 from ReLU6's kink at 0 (finite differences must not cross
+    // it; h below is small enough that max-pool winners do not change either).
+    let x0: Vec<f32> = rng
+        .vec_f32(6 * 32, -1.0, 1.0)
+        .iter()
+        .map(|v| v.signum() * (0.05 + 0.95 * v.abs()))
+        .collect();
+    let w0 = rng.vec_f32(3 * 6, -0.5, 0.5);
+    let labels: Vec<f32> = (0..32).map(|_| rng.below(3) as f32).collect();
+    let xs = Shape5::new(1, 6, 2, 4, 4);
+    let ws = Shape5::new(3, 6, 1, 1, 1);
+    let ls = Shape5::new(1, 1, 2, 4, 4);
+    let eval = |x: &[f32], w: &[f32], want_grads: bool| -> (f64, Vec<f32>, Vec<f32>) {
+        let mut g = Graph::new(&ctx, Mode::Train);
+        let xv = g.variable(Tensor::from_slice(&ctx, xs, x, "x").unwrap());
+        let wv = g.variable(Tensor::from_slice(&ctx, ws, w, "w").unwrap());
+        let lv = g.input(Tensor::from_slice(&ctx, ls, &labels, "labels").unwrap());
+        let l = attention_loss(&mut g, xv, wv, lv);
+        if want_grads {
+            g.backward(l).unwrap();
+        }
+        g.submit();
+        let loss = g.value(l).unwrap().to_vec(&ctx).unwrap()[0] as f64;
+        if !want_grads {
+            return (loss, vec![], vec![]);
+        }
+        let gx = g.grad(xv).unwrap().to_vec(&ctx).unwrap();
+        let gw = g.grad(wv).unwrap().to_vec(&ctx).unwrap();
+        (loss, gx, gw)
+    };
+    let (_, gx, gw) = eval(&x0, &w0, true);
+    let h = 1e-3f32;
+    let dot =
+        |a: &[f32], u: &[f32]| -> f64 { a.iter().zip(u).map(|(p, q)| *p as f64 * *q as f64).sum() };
+    let shift = |v: &[f32], u: &[f32], s: f32| -> Vec<f32> {
+        v.iter().zip(u).map(|(a, b)| a + s * b).collect()
+    };
+    for trial in 0..2 {
+        let ux = rng.vec_f32(x0.len(), -1.0, 1.0);
+        let uw = rng.vec_f32(w0.len(), -1.0, 1.0);
+        let fdx = (eval(&shift(&x0, &ux, h), &w0, false).0
+            - eval(&shift(&x0, &ux, -h), &w0, false).0)
+            / (2.0 * h as f64);
+        let fdw = (eval(&x0, &shift(&w0, &uw, h), false).0
+            - eval(&x0, &shift(&w0, &uw, -h), false).0)
+            / (2.0 * h as f64);
+        let (ax, aw) = (dot(&gx, &ux), dot(&gw, &uw));
+        assert!(
+            (fdx - ax).abs() <= 3e-2 * fdx.abs().max(ax.abs()) + 3e-4,
+            "trial {trial} x: fd {fdx} vs {ax}"
+        );
+        assert!(
+            (fdw - aw).abs() <= 3e-2 * fdw.abs().max(aw.abs()) + 3e-4,
+            "trial {trial} w: fd {fdw} vs {aw}"
+        );
+    }
+}

@@ -16,6 +16,7 @@ use crate::ops::conv_transpose3d::{
 };
 use crate::ops::elementwise;
 use crate::ops::loss;
+use crate::ops::matmul;
 use crate::ops::pool::{self, PoolSpec};
 use crate::ops::upsample;
 use crate::tensor::{Shape5, Tensor};
@@ -536,5 +537,67 @@ impl Graph<'_> {
         let p = Rc::new(empty(self.ctx, lt.shape(), "softmax")?);
         loss::softmax_channels(self.ctx, &mut self.rec, &lt, &p)?;
         Ok(p)
+    }
+
+    /// Batched `op(A) · op(B)` over tensors read as `[.., .., batch, rows, cols]`
+    /// (see [`crate::ops::matmul`]); the result is `[1, 1, batch, M, N]`.
+    pub fn batched_matmul(&mut self, a: Var, b: Var, trans_a: bool, trans_b: bool) -> Result<Var> {
+        let (at, bt) = (self.tensor(a)?, self.tensor(b)?);
+        let (sa, sb) = (at.shape().0, bt.shape().0);
+        let batch = sa[0] * sa[1] * sa[2];
+        let m = if trans_a { sa[4] } else { sa[3] };
+        let n = if trans_b { sb[3] } else { sb[4] };
+        let ctx = self.ctx;
+        let c = Rc::new(empty(ctx, Shape5::new(1, 1, batch, m, n), "matmul")?);
+        matmul::batched_matmul(ctx, &mut self.rec, &at, &bt, &c, trans_a, trans_b)?;
+        self.push("batched_matmul", c, &[a, b], move |ctx, rec, gc, needs| {
+            let da = needs[0]
+                .then(|| empty(ctx, at.shape(), "matmul da"))
+                .transpose()?;
+            let db = needs[1]
+                .then(|| empty(ctx, bt.shape(), "matmul db"))
+                .transpose()?;
+            matmul::batched_matmul_backward(
+                ctx,
+                rec,
+                &at,
+                &bt,
+                gc,
+                da.as_ref(),
+                db.as_ref(),
+                trans_a,
+                trans_b,
+            )?;
+            Ok(vec![da, db])
+        })
+    }
+
+    /// Softmax along the last axis (attention weights over positions).
+    pub fn softmax_rows(&mut self, x: Var) -> Result<Var> {
+        let xt = self.tensor(x)?;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, xt.shape(), "softmax_rows")?);
+        matmul::softmax_rows_forward(ctx, &mut self.rec, &xt, &y)?;
+        let saved = y.clone();
+        self.push("softmax_rows", y, &[x], move |ctx, rec, gy, _| {
+            let dx = empty(ctx, gy.shape(), "softmax_rows dx")?;
+            matmul::softmax_rows_backward(ctx, rec, &saved, gy, &dx)?;
+            Ok(vec![Some(dx)])
+        })
+    }
+
+    /// The same values under another shape with the same element count (a copy).
+    pub fn reshape(&mut self, x: Var, shape: Shape5) -> Result<Var> {
+        let xt = self.tensor(x)?;
+        let from = xt.shape();
+        let ctx = self.ctx;
+        let y = xt
+            .duplicate(ctx, &mut self.rec, "reshape")?
+            .reshaped(shape)?;
+        self.push("reshape", Rc::new(y), &[x], move |ctx, rec, gy, _| {
+            Ok(vec![Some(
+                gy.duplicate(ctx, rec, "reshape dx")?.reshaped(from)?,
+            )])
+        })
     }
 }

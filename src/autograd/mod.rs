@@ -11,6 +11,8 @@
 //! asked for.
 
 mod functions;
+
+pub use functions::Upsample;
 pub mod params;
 
 pub use params::{ParamId, ParamKind, ParamStore};
