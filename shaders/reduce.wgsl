@@ -131,3 +131,36 @@ fn sum_blocks(
         dst[b] = block_part[0];
     }
 }
+
+// Like sum_blocks, but counts the elements that are NaN or infinite, decided on the bits
+// (exponent all ones) because compilers may assume floats are never NaN.
+@compute @workgroup_size(64)
+fn non_finite_blocks(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let b = wid.x + nwg.x * (wid.y + nwg.y * wid.z);
+    if (b >= p.count) {
+        return;
+    }
+    let base = b * SUM_BLOCK;
+    var s = 0.0;
+    for (var k = 0u; k < SUM_BLOCK / 64u; k++) {
+        let i = base + k * 64u + lid;
+        if (i < p.len && (bitcast<u32>(src[i]) & 0x7f800000u) == 0x7f800000u) {
+            s += 1.0;
+        }
+    }
+    block_part[lid] = s;
+    workgroupBarrier();
+    for (var stride = 32u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            block_part[lid] = block_part[lid] + block_part[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        dst[b] = block_part[0];
+    }
+}

@@ -28,13 +28,13 @@ pub enum Error {
         /// wgpu's own message.
         message: String,
     },
-    /// Training produced a non-finite loss.
-    #[error("training diverged at step {step}: the loss is {value} (lower the learning rate, check the inputs for NaN/Inf)")]
+    /// Training produced a non-finite loss or parameter.
+    #[error("training diverged at step {step}: {detail} (lower the learning rate, check the inputs for NaN/Inf)")]
     Diverged {
-        /// 1-based step at which the loss was read.
+        /// 1-based step at which it was detected.
         step: u64,
-        /// The loss value.
-        value: f64,
+        /// What is non-finite.
+        detail: String,
     },
     /// A file could not be read or written.
     #[error("{path}: {source}")]

@@ -6,6 +6,7 @@ use crate::autograd::{Gradients, ParamId, ParamStore};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Recorder};
 use crate::ops::adam::{adam_step, sum_of_squares_at, AdamConfig};
+use crate::ops::reduce::count_non_finite;
 use crate::tensor::{Shape5, Tensor};
 use std::collections::HashMap;
 
@@ -115,12 +116,47 @@ impl Adam {
     }
 }
 
-/// Returns [`Error::Diverged`] naming `step` when the loss read back is NaN or infinite,
-/// so a training loop stops with a message instead of training on garbage.
-pub fn check_loss(step: u64, loss: f64) -> Result<()> {
-    if loss.is_finite() {
-        Ok(())
-    } else {
-        Err(Error::Diverged { step, value: loss })
+/// Records, for every tensor of `store` (parameters and buffers, in store order), the
+/// number of its NaN/Inf values into one tensor (bit-level test, so it holds on drivers
+/// that assume no NaNs and may squash them in comparisons).
+pub fn non_finite_counts(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    store: &ParamStore,
+) -> Result<Tensor> {
+    let out = Tensor::empty(
+        ctx,
+        Shape5::new(1, 1, 1, 1, store.len().max(1)),
+        "non-finite",
+    )?;
+    rec.encoder.clear_buffer(out.buffer(), 0, Some(out.bytes()));
+    let one = Tensor::empty(ctx, Shape5::new(1, 1, 1, 1, 1), "non-finite one")?;
+    for (id, entry) in store.iter() {
+        count_non_finite(ctx, rec, &entry.value, &one)?;
+        rec.encoder
+            .copy_buffer_to_buffer(one.buffer(), 0, out.buffer(), (id.0 * 4) as u64, 4);
     }
+    Ok(out)
+}
+
+/// Returns [`Error::Diverged`] naming `step` when the loss read back is NaN or infinite,
+/// or when `counts` (from [`non_finite_counts`], may be empty) shows a stored tensor
+/// with NaN/Inf values (the loss alone can look finite when a driver squashes NaNs in
+/// ReLU comparisons).
+pub fn check_step(step: u64, loss: f64, counts: &[f32], store: &ParamStore) -> Result<()> {
+    if !loss.is_finite() {
+        return Err(Error::Diverged {
+            step,
+            detail: format!("the loss is {loss}"),
+        });
+    }
+    for ((_, entry), &c) in store.iter().zip(counts) {
+        if c > 0.0 {
+            return Err(Error::Diverged {
+                step,
+                detail: format!("'{}' holds {c} NaN/Inf values", entry.name),
+            });
+        }
+    }
+    Ok(())
 }

@@ -725,3 +725,30 @@ fn dropout_masks_of_cpu_reference_are_statistically_sound() {
         }
     }
 }
+
+#[test]
+fn count_non_finite_matches_cpu_on_every_pass_count() {
+    use masnet_wgpu::ops::reduce::{count_non_finite, count_non_finite_cpu};
+    let ctx = gpu();
+    for (len, seed) in [(1usize, 1u64), (1000, 2), (5000, 3), (1024 * 1024 + 7, 4)] {
+        let mut rng = Rng::new(seed);
+        let mut v = rng.vec_f32(len, -1.0, 1.0);
+        // Plant NaN, +Inf, -Inf and a subnormal (finite) at random places.
+        for (k, bad) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-40]
+            .iter()
+            .enumerate()
+        {
+            if k < len {
+                let i = rng.below(len);
+                v[i] = *bad;
+            }
+        }
+        let t = Tensor::from_slice(&ctx, Shape5::new(1, 1, 1, 1, len), &v, "t").unwrap();
+        let out = Tensor::empty(&ctx, Shape5::new(1, 1, 1, 1, 1), "count").unwrap();
+        let mut rec = ctx.recorder();
+        count_non_finite(&ctx, &mut rec, &t, &out).unwrap();
+        ctx.submit(rec);
+        let got = out.to_vec(&ctx).unwrap()[0];
+        assert_eq!(got as usize, count_non_finite_cpu(&v), "length {len}");
+    }
+}

@@ -187,6 +187,51 @@ pub fn sum_all(ctx: &GpuContext, rec: &mut Recorder, src: &Tensor, dst: &Tensor)
     }
 }
 
+/// Records `dst[0] = number of NaN or infinite elements of src` (exact up to 2^24),
+/// decided on the bit patterns so it holds on drivers that assume no NaNs.
+pub fn count_non_finite(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    src: &Tensor,
+    dst: &Tensor,
+) -> Result<()> {
+    if std::ptr::eq(src, dst) {
+        return Err(Error::InvalidArgument(format!(
+            "count_non_finite: source and destination are the same tensor '{}'",
+            src.name
+        )));
+    }
+    let n = src.shape().numel()?;
+    let blocks = n.div_ceil(SUM_ALL_BLOCK);
+    let partial = if blocks == 1 {
+        None
+    } else {
+        Some(Tensor::empty(
+            ctx,
+            crate::tensor::Shape5::new(1, 1, 1, 1, blocks),
+            "non-finite counts",
+        )?)
+    };
+    launch(
+        ctx,
+        rec,
+        PipelineKey::new("reduce", "non_finite_blocks"),
+        REDUCE_SRC,
+        &[Arg::Read(src), Arg::Write(partial.as_ref().unwrap_or(dst))],
+        &u32s(&[n, blocks, 0, 0])?,
+        blocks.saturating_mul(64),
+    )?;
+    match &partial {
+        Some(p) => sum_all(ctx, rec, p, dst),
+        None => Ok(()),
+    }
+}
+
+/// CPU reference of [`count_non_finite`].
+pub fn count_non_finite_cpu(src: &[f32]) -> usize {
+    src.iter().filter(|v| !v.is_finite()).count()
+}
+
 /// CPU reference of [`max_rows`] (NaN in a row gives NaN).
 pub fn max_rows_f64(src: &[f64], rows: usize, len: usize) -> Vec<f64> {
     (0..rows)
