@@ -6,9 +6,11 @@
 
 pub mod autograd;
 pub mod bench;
+pub mod checkpoint;
 pub mod error;
 pub mod gpu;
 pub mod init;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod rng;

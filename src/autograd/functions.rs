@@ -601,3 +601,164 @@ impl Graph<'_> {
         })
     }
 }
+
+/// One group of [`Graph::conv3d_grouped`]: reads input channels
+/// `in_offset .. in_offset + Cin(weight)`, writes output channels
+/// `out_offset .. out_offset + Cout(weight)`.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGroup {
+    /// First input channel read.
+    pub in_offset: usize,
+    /// First output channel written.
+    pub out_offset: usize,
+    /// `[Cout_g, Cin_g, k..]`.
+    pub weight: Var,
+    /// `Cout_g` values.
+    pub bias: Option<Var>,
+    /// Geometry (all groups must give the same output size).
+    pub spec: Conv3dSpec,
+}
+
+impl Graph<'_> {
+    /// Several convolutions over disjoint input channel ranges, each writing its own
+    /// output channel range of one tensor directly (a fused MixACB: no concat copy).
+    /// Output ranges must tile `0..out_channels` exactly.
+    pub fn conv3d_grouped(
+        &mut self,
+        x: Var,
+        out_channels: usize,
+        groups: &[ConvGroup],
+    ) -> Result<Var> {
+        let xt = self.tensor(x)?;
+        let mut ws = Vec::new();
+        let mut bs = Vec::new();
+        let mut covered = vec![false; out_channels];
+        let mut read = vec![false; xt.shape().c()];
+        let mut oshape = None;
+        for (i, gr) in groups.iter().enumerate() {
+            let w = self.tensor(gr.weight)?;
+            let b = gr.bias.map(|b| self.tensor(b)).transpose()?;
+            let [cout, cin, ..] = w.shape().0;
+            let bias_len = b.as_ref().map(|b| b.shape().numel()).transpose()?;
+            let s = conv3d_check(
+                xt.shape(),
+                (gr.in_offset, cin),
+                w.shape(),
+                bias_len,
+                &gr.spec,
+            )?;
+            if oshape.is_some_and(|o: Shape5| o.spatial() != s.spatial()) {
+                return Err(Error::Shape(format!(
+                    "conv3d_grouped: group {i} gives {s}, other groups another size"
+                )));
+            }
+            oshape = Some(s);
+            for (flags, off, cnt, what) in [
+                (&mut covered, gr.out_offset, cout, "output"),
+                (&mut read, gr.in_offset, cin, "input"),
+            ] {
+                let total = flags.len();
+                let range = flags.get_mut(off..off + cnt).ok_or_else(|| {
+                    Error::Shape(format!(
+                        "conv3d_grouped: group {i} {what} channels {off}..{} exceed {total}",
+                        off + cnt
+                    ))
+                })?;
+                if range.iter().any(|&c| c) {
+                    return Err(Error::Shape(format!(
+                        "conv3d_grouped: group {i} {what} channels {off}..{} overlap another group",
+                        off + cnt
+                    )));
+                }
+                range.fill(true);
+            }
+            ws.push(w);
+            bs.push(b);
+        }
+        let Some(os) = oshape else {
+            return Err(Error::InvalidArgument("conv3d_grouped: no groups".into()));
+        };
+        if covered.iter().any(|&c| !c) {
+            return Err(Error::Shape(format!(
+                "conv3d_grouped: the groups do not cover all {out_channels} output channels"
+            )));
+        }
+        let ctx = self.ctx;
+        let y = Rc::new(empty(
+            ctx,
+            Shape5::new(os.n(), out_channels, os.0[2], os.0[3], os.0[4]),
+            "conv3d_grouped",
+        )?);
+        let mut inputs = vec![x];
+        for (gr, (w, b)) in groups.iter().zip(ws.iter().zip(&bs)) {
+            let [cout, cin, ..] = w.shape().0;
+            conv3d_forward(
+                ctx,
+                &mut self.rec,
+                xt.channels(gr.in_offset, cin)?,
+                w,
+                b.as_deref(),
+                y.channels(gr.out_offset, cout)?,
+                &gr.spec,
+                AUTO,
+            )?;
+            inputs.push(gr.weight);
+            inputs.extend(gr.bias);
+        }
+        let groups = groups.to_vec();
+        self.push("conv3d_grouped", y, &inputs, move |ctx, rec, gy, needs| {
+            let mut out: Vec<Option<Tensor>> = vec![None];
+            if needs[0] {
+                out[0] = Some(Tensor::zeros_recorded(
+                    ctx,
+                    rec,
+                    xt.shape(),
+                    "conv3d_grouped dx",
+                )?);
+            }
+            let mut k = 1;
+            for (gr, w) in groups.iter().zip(&ws) {
+                let [cout, cin, ..] = w.shape().0;
+                let g = gy.channels(gr.out_offset, cout)?;
+                if let Some(dx) = &out[0] {
+                    conv3d_backward_input(
+                        ctx,
+                        rec,
+                        g,
+                        w,
+                        dx.channels(gr.in_offset, cin)?,
+                        &gr.spec,
+                        AUTO,
+                    )?;
+                }
+                out.push(if needs[k] {
+                    let dw = empty(ctx, w.shape(), "conv3d_grouped dw")?;
+                    conv3d_backward_weight(
+                        ctx,
+                        rec,
+                        xt.channels(gr.in_offset, cin)?,
+                        g,
+                        &dw,
+                        &gr.spec,
+                        AUTO,
+                    )?;
+                    Some(dw)
+                } else {
+                    None
+                });
+                k += 1;
+                if gr.bias.is_some() {
+                    out.push(if needs[k] {
+                        let db = empty(ctx, Shape5::new(1, cout, 1, 1, 1), "conv3d_grouped db")?;
+                        conv3d_backward_bias(ctx, rec, g, &db)?;
+                        Some(db)
+                    } else {
+                        None
+                    });
+                    k += 1;
+                }
+            }
+            Ok(out)
+        })
+    }
+}

@@ -12,7 +12,7 @@
 
 mod functions;
 
-pub use functions::Upsample;
+pub use functions::{ConvGroup, Upsample};
 pub mod params;
 
 pub use params::{ParamId, ParamKind, ParamStore};

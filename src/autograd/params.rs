@@ -95,6 +95,28 @@ impl ParamStore {
         Ok(&self.entry(id)?.value)
     }
 
+    /// Overwrites the values of `id` (shape unchanged); call with no recording open.
+    pub fn set(&self, ctx: &GpuContext, id: ParamId, data: &[f32]) -> Result<()> {
+        let e = self.entry(id)?;
+        let n = e.value.shape().numel()?;
+        if data.len() != n {
+            return Err(Error::Shape(format!(
+                "parameter '{}' {} needs {n} values, {} given",
+                e.name,
+                e.value.shape(),
+                data.len()
+            )));
+        }
+        ctx.queue
+            .write_buffer(e.value.buffer(), 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Reads the values of `id` back to the CPU.
+    pub fn read(&self, ctx: &GpuContext, id: ParamId) -> Result<Vec<f32>> {
+        self.entry(id)?.value.to_vec(ctx)
+    }
+
     /// The id of `name`.
     pub fn id(&self, name: &str) -> Result<ParamId> {
         self.by_name

@@ -1,0 +1,642 @@
+//! DU-Net (densely connected U-Net) as configured in 3D-MASNet, with MixACB or the
+//! baseline 3×3×3 conv+BN in the dense layers and down transitions; the training
+//! form, the fused inference form and the fully folded form share this definition.
+//! Layer-by-layer reference: `../shared/reference/dunet-mixacb-spec.md`, summarised in
+//! `docs/models.md`.
+
+use crate::autograd::{Graph, ParamKind, ParamStore, Var};
+use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
+use crate::init::Init;
+use crate::nn::layers::{read_checked, BatchNorm, Builder, Conv, ConvTranspose};
+use crate::nn::mixacb::{fused_conv, FusedMixAcb, MixAcb, MixSpec};
+use crate::ops::batchnorm::BatchNormSpec;
+use crate::ops::conv3d::Conv3dSpec;
+use crate::ops::conv_transpose3d::ConvTranspose3dSpec;
+use crate::rng::Rng;
+use crate::tensor::Shape5;
+use serde::{Deserialize, Serialize};
+
+/// Which block the dense layers and down transitions use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockKind {
+    /// MixACB (3D-MASNet).
+    Mixacb,
+    /// 3×3×3 conv with bias + BN (the baseline DU-Net).
+    Conv,
+}
+
+impl std::str::FromStr for BlockKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mixacb" => Ok(Self::Mixacb),
+            "conv" => Ok(Self::Conv),
+            _ => Err(Error::InvalidArgument(format!(
+                "block '{s}': expected mixacb or conv"
+            ))),
+        }
+    }
+}
+
+/// Which form the parameters are in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelForm {
+    /// Branched MixACB with per-branch BN (training graph).
+    Training,
+    /// MixACB folded to one conv per group; other BNs kept (the paper's fused count).
+    Fused,
+    /// MixACB folded to one block-diagonal conv per block; other BNs kept.
+    FusedMerged,
+    /// Fused and every remaining conv+BN pair folded into conv+bias.
+    Folded,
+}
+
+/// DU-Net hyper-parameters (defaults = the paper's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DunetConfig {
+    /// Input modalities (T1, T2).
+    pub in_channels: usize,
+    /// Output classes (background, CSF, GM, WM).
+    pub classes: usize,
+    /// Channels of the initial conv.
+    pub init_features: usize,
+    /// Channels each dense layer adds.
+    pub growth: usize,
+    /// Dense layers per dense block.
+    pub layers_per_block: usize,
+    /// Width of the 1×1×1 bottleneck.
+    pub bottleneck: usize,
+    /// Down transitions (the U has `2 * levels + 1` dense blocks).
+    pub levels: usize,
+    /// Dropout after each dense layer's block (training only).
+    pub dropout: f32,
+    /// MixACB or conv.
+    pub block: BlockKind,
+    /// MixACB groups and ratio.
+    pub mix: MixSpec,
+    /// Parameter form.
+    pub form: ModelForm,
+}
+
+impl Default for DunetConfig {
+    fn default() -> Self {
+        Self {
+            in_channels: 2,
+            classes: 4,
+            init_features: 32,
+            growth: 16,
+            layers_per_block: 3,
+            bottleneck: 64,
+            levels: 3,
+            dropout: 0.1,
+            block: BlockKind::Mixacb,
+            mix: MixSpec::default(),
+            form: ModelForm::Training,
+        }
+    }
+}
+
+/// Batch norm as in the paper (Keras: momentum 0.99, eps 1e-3).
+pub fn bn_spec() -> BatchNormSpec {
+    BatchNormSpec::keras()
+}
+
+/// A conv followed by BN (or, once folded, a conv with bias alone).
+#[derive(Clone, Debug)]
+pub struct ConvBn {
+    /// The convolution.
+    pub conv: Conv,
+    /// Its BN; `None` once folded.
+    pub bn: Option<BatchNorm>,
+}
+
+impl ConvBn {
+    fn new(b: &mut Builder<'_>, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Self> {
+        let spec = Conv3dSpec::same([k; 3]).with_stride([stride; 3]);
+        let conv = Conv::new(
+            &mut b.sub("conv"),
+            cin,
+            cout,
+            [k; 3],
+            spec,
+            true,
+            Init::HeNormalTruncated,
+            ParamKind::ConvWeight,
+        )?;
+        let bn = Some(BatchNorm::new(&mut b.sub("bn"), cout, bn_spec())?);
+        Ok(Self { conv, bn })
+    }
+
+    fn forward(&self, g: &mut Graph<'_>, s: &ParamStore, x: Var, offset: usize) -> Result<Var> {
+        let y = self.conv.forward_from(g, s, x, offset)?;
+        match &self.bn {
+            Some(bn) => bn.forward(g, s, y),
+            None => Ok(y),
+        }
+    }
+
+    /// Copies (or with `fold`, folds the BN into) this layer into `b`.
+    fn convert(
+        &self,
+        ctx: &GpuContext,
+        s: &ParamStore,
+        b: &mut Builder<'_>,
+        fold: bool,
+    ) -> Result<Self> {
+        let c = &self.conv;
+        let len = c.cout * c.cin * c.kernel.iter().product::<usize>();
+        let w = read_checked(ctx, s, c.weight, len)?;
+        let bias = match c.bias {
+            Some(id) => read_checked(ctx, s, id, c.cout)?,
+            None => vec![0.0; c.cout],
+        };
+        let shape = [c.cout, c.cin, c.kernel[0], c.kernel[1], c.kernel[2]];
+        match (&self.bn, fold) {
+            (Some(bn), true) => {
+                let (scale, shift) = bn.affine(ctx, s)?;
+                let per = len / c.cout;
+                let w: Vec<f32> = w
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v * scale[i / per])
+                    .collect();
+                let bias: Vec<f32> = (0..c.cout).map(|o| bias[o] * scale[o] + shift[o]).collect();
+                let conv = fused_conv(&mut b.sub("conv"), shape, &w, &bias, c.spec)?;
+                Ok(Self { conv, bn: None })
+            }
+            _ => {
+                let conv = fused_conv(&mut b.sub("conv"), shape, &w, &bias, c.spec)?;
+                let bn = self
+                    .bn
+                    .as_ref()
+                    .map(|bn| copy_bn(ctx, s, bn, &mut b.sub("bn")))
+                    .transpose()?;
+                Ok(Self { conv, bn })
+            }
+        }
+    }
+}
+
+fn copy_bn(
+    ctx: &GpuContext,
+    s: &ParamStore,
+    bn: &BatchNorm,
+    b: &mut Builder<'_>,
+) -> Result<BatchNorm> {
+    let c = bn.channels;
+    let shape = Shape5::new(1, c, 1, 1, 1);
+    let mut add = |name: &str, id, kind| -> Result<_> {
+        b.add(name, shape, &read_checked(ctx, s, id, c)?, kind)
+    };
+    Ok(BatchNorm {
+        weight: add("weight", bn.weight, ParamKind::Affine)?,
+        bias: add("bias", bn.bias, ParamKind::Affine)?,
+        running_mean: add("running_mean", bn.running_mean, ParamKind::Buffer)?,
+        running_var: add("running_var", bn.running_var, ParamKind::Buffer)?,
+        spec: bn.spec,
+        channels: c,
+    })
+}
+
+/// The block of a dense layer or down transition, in any form.
+#[derive(Clone, Debug)]
+pub enum Block {
+    /// Branched MixACB.
+    Mixacb(MixAcb),
+    /// Fused MixACB.
+    Fused(FusedMixAcb),
+    /// Baseline 3×3×3 conv (+ BN unless folded).
+    Conv(ConvBn),
+}
+
+impl Block {
+    fn new(
+        b: &mut Builder<'_>,
+        cfg: &DunetConfig,
+        cin: usize,
+        cout: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        match cfg.block {
+            BlockKind::Mixacb => Ok(Block::Mixacb(MixAcb::new(
+                b,
+                cin,
+                cout,
+                stride,
+                &cfg.mix,
+                bn_spec(),
+            )?)),
+            BlockKind::Conv => Ok(Block::Conv(ConvBn::new(b, cin, cout, 3, stride)?)),
+        }
+    }
+
+    fn forward(&self, g: &mut Graph<'_>, s: &ParamStore, x: Var, offset: usize) -> Result<Var> {
+        match self {
+            Block::Mixacb(m) => m.forward(g, s, x, offset),
+            Block::Fused(f) => f.forward(g, s, x, offset),
+            Block::Conv(c) => c.forward(g, s, x, offset),
+        }
+    }
+
+    fn convert(
+        &self,
+        ctx: &GpuContext,
+        s: &ParamStore,
+        b: &mut Builder<'_>,
+        form: ModelForm,
+    ) -> Result<Self> {
+        Ok(match self {
+            Block::Mixacb(m) => match form {
+                ModelForm::Training => {
+                    return Err(Error::InvalidArgument("cannot un-fuse a model".into()))
+                }
+                ModelForm::Fused => Block::Fused(m.fuse(ctx, s, b, false)?),
+                ModelForm::FusedMerged | ModelForm::Folded => {
+                    Block::Fused(m.fuse(ctx, s, b, true)?)
+                }
+            },
+            Block::Fused(f) => Block::Fused(copy_fused(ctx, s, f, b)?),
+            Block::Conv(c) => Block::Conv(c.convert(ctx, s, b, form == ModelForm::Folded)?),
+        })
+    }
+}
+
+fn copy_fused(
+    ctx: &GpuContext,
+    s: &ParamStore,
+    f: &FusedMixAcb,
+    b: &mut Builder<'_>,
+) -> Result<FusedMixAcb> {
+    let copy = |c: &Conv, b: &mut Builder<'_>| -> Result<Conv> {
+        let len = c.cout * c.cin * c.kernel.iter().product::<usize>();
+        let w = read_checked(ctx, s, c.weight, len)?;
+        let bias = match c.bias {
+            Some(id) => read_checked(ctx, s, id, c.cout)?,
+            None => vec![0.0; c.cout],
+        };
+        fused_conv(
+            b,
+            [c.cout, c.cin, c.kernel[0], c.kernel[1], c.kernel[2]],
+            &w,
+            &bias,
+            c.spec,
+        )
+    };
+    Ok(match f {
+        FusedMixAcb::Merged(c) => FusedMixAcb::Merged(copy(c, &mut b.sub("conv"))?),
+        FusedMixAcb::Groups { cout, groups } => FusedMixAcb::Groups {
+            cout: *cout,
+            groups: groups
+                .iter()
+                .enumerate()
+                .map(|(i, (io, oo, c))| {
+                    Ok((*io, *oo, copy(c, &mut b.sub(&format!("groups.{i}.conv")))?))
+                })
+                .collect::<Result<_>>()?,
+        },
+    })
+}
+
+/// Dense layer: 1×1×1 bottleneck conv+BN+ReLU, block, ReLU, dropout.
+#[derive(Clone, Debug)]
+pub struct DenseLayer {
+    /// 1×1×1 conv + BN.
+    pub bottleneck: ConvBn,
+    /// MixACB or conv.
+    pub block: Block,
+    /// Slot name of the block (`mixacb` or `conv3`).
+    slot: &'static str,
+}
+
+/// Transposed-conv up-sampling + BN (unless folded).
+#[derive(Clone, Debug)]
+pub struct UpLayer {
+    /// 3×3×3 stride-2 transposed conv with bias.
+    pub up: ConvTranspose,
+    /// Its BN; `None` once folded.
+    pub bn: Option<BatchNorm>,
+}
+
+/// The whole network.
+#[derive(Clone, Debug)]
+pub struct Dunet {
+    /// Its configuration.
+    pub config: DunetConfig,
+    init: ConvBn,
+    dense: Vec<Vec<DenseLayer>>,
+    down: Vec<(Block, Block)>,
+    up: Vec<UpLayer>,
+    head: Conv,
+}
+
+fn slot(kind: BlockKind) -> &'static str {
+    match kind {
+        BlockKind::Mixacb => "mixacb",
+        BlockKind::Conv => "conv3",
+    }
+}
+
+impl Dunet {
+    /// Creates a freshly initialised training-form model in `store` (seeded).
+    pub fn new(
+        ctx: &GpuContext,
+        store: &mut ParamStore,
+        config: DunetConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        if config.form != ModelForm::Training {
+            return Err(Error::InvalidArgument(
+                "a new model starts in training form; fuse it afterwards".into(),
+            ));
+        }
+        if config.levels == 0 || config.layers_per_block == 0 || config.growth == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "DU-Net needs levels, layers per block and growth >= 1 (got {}, {}, {})",
+                config.levels, config.layers_per_block, config.growth
+            )));
+        }
+        if !(0.0..1.0).contains(&config.dropout) {
+            return Err(Error::InvalidArgument(format!(
+                "dropout {} must be in [0, 1)",
+                config.dropout
+            )));
+        }
+        let mut rng = Rng::new(seed);
+        let mut b = Builder::new(ctx, store, &mut rng);
+        let c = &config;
+        let init = ConvBn::new(&mut b.sub("init"), c.in_channels, c.init_features, 3, 1)?;
+        let mut ch = c.init_features;
+        let mut dense = Vec::new();
+        let mut down = Vec::new();
+        let mut up = Vec::new();
+        let mut skips = Vec::new();
+        let blocks = 2 * c.levels + 1;
+        for d in 0..blocks {
+            let mut db = b.sub(&format!("dense{}", d + 1));
+            let mut layers = Vec::new();
+            for l in 0..c.layers_per_block {
+                let mut lb = db.sub(&format!("layers.{l}"));
+                let bottleneck = ConvBn::new(&mut lb.sub("bottleneck"), ch, c.bottleneck, 1, 1)?;
+                let block = Block::new(&mut lb.sub(slot(c.block)), c, c.bottleneck, c.growth, 1)?;
+                layers.push(DenseLayer {
+                    bottleneck,
+                    block,
+                    slot: slot(c.block),
+                });
+                ch += c.growth;
+            }
+            dense.push(layers);
+            if d < c.levels {
+                skips.push(ch);
+                let half = ch / 2;
+                let mut tb = b.sub(&format!("down{}", d + 1));
+                let reduce = Block::new(&mut tb.sub("reduce"), c, ch, half, 1)?;
+                let strided = Block::new(&mut tb.sub("strided"), c, half, half, 2)?;
+                down.push((reduce, strided));
+                ch = half;
+            } else if d < blocks - 1 {
+                let half = ch / 2;
+                let mut ub = b.sub(&format!("up{}", d + 1));
+                let spec = ConvTranspose3dSpec::keras_same([3; 3], [2; 3]);
+                let t = ConvTranspose::new(&mut ub.sub("conv"), ch, half, [3; 3], spec, true)?;
+                let bn = Some(BatchNorm::new(&mut ub.sub("bn"), half, bn_spec())?);
+                up.push(UpLayer { up: t, bn });
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::InvalidArgument("DU-Net skip mismatch".into()))?;
+                ch = skip + half;
+            }
+        }
+        let head = Conv::new(
+            &mut b.sub("head"),
+            ch,
+            c.classes,
+            [1; 3],
+            Conv3dSpec::default(),
+            false,
+            Init::GlorotUniform,
+            ParamKind::Other,
+        )?;
+        Ok(Self {
+            config,
+            init,
+            dense,
+            down,
+            up,
+            head,
+        })
+    }
+
+    /// Logits `[N, classes, D, H, W]` for input `[N, in_channels, D, H, W]`; spatial
+    /// sizes must be multiples of `2^levels`. `dropout_seed` varies the dropout masks
+    /// per step (training mode only).
+    pub fn forward(
+        &self,
+        g: &mut Graph<'_>,
+        s: &ParamStore,
+        x: Var,
+        dropout_seed: u32,
+    ) -> Result<Var> {
+        let shape = g.value(x)?.shape();
+        let m = 1usize << self.config.levels;
+        if shape.c() != self.config.in_channels || shape.spatial().iter().any(|&d| d % m != 0) {
+            return Err(Error::Shape(format!(
+                "DU-Net input {shape}: needs {} channels and D, H, W multiples of {m}",
+                self.config.in_channels
+            )));
+        }
+        let mut h = self.init.forward(g, s, x, 0)?;
+        h = g.relu(h)?;
+        let mut skips = Vec::new();
+        let mut layer_index = 0u32;
+        for (d, layers) in self.dense.iter().enumerate() {
+            for layer in layers {
+                let b = layer.bottleneck.forward(g, s, h, 0)?;
+                let b = g.relu(b)?;
+                let n = layer.block.forward(g, s, b, 0)?;
+                let n = g.relu(n)?;
+                layer_index += 1;
+                let seed =
+                    dropout_seed.wrapping_mul(0x9E37_79B1) ^ layer_index.wrapping_mul(0x85EB_CA6B);
+                let n = g.dropout(n, self.config.dropout, seed)?;
+                h = g.concat(&[h, n])?;
+            }
+            if let Some((reduce, strided)) = self.down.get(d) {
+                skips.push(h);
+                let r = reduce.forward(g, s, h, 0)?;
+                let r = g.relu(r)?;
+                let r = strided.forward(g, s, r, 0)?;
+                h = g.relu(r)?;
+            } else if let Some(u) = self.up.get(d - self.config.levels) {
+                let t = u.up.forward(g, s, h)?;
+                let t = match &u.bn {
+                    Some(bn) => bn.forward(g, s, t)?,
+                    None => t,
+                };
+                let t = g.relu(t)?;
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::InvalidArgument("DU-Net skip mismatch".into()))?;
+                h = g.concat(&[skip, t])?;
+            }
+        }
+        self.head.forward(g, s, h)
+    }
+
+    /// Calls `f` on every BatchNorm of the model (e.g. to change momentum for a
+    /// statistics recalibration pass).
+    pub fn for_each_bn_mut(&mut self, mut f: impl FnMut(&mut BatchNorm)) {
+        let block = |b: &mut Block, f: &mut dyn FnMut(&mut BatchNorm)| match b {
+            Block::Mixacb(m) => m
+                .groups
+                .iter_mut()
+                .flat_map(|g| g.branches.iter_mut())
+                .for_each(|(_, bn)| f(bn)),
+            Block::Conv(c) => c.bn.iter_mut().for_each(f),
+            Block::Fused(_) => {}
+        };
+        self.init.bn.iter_mut().for_each(&mut f);
+        for layer in self.dense.iter_mut().flatten() {
+            layer.bottleneck.bn.iter_mut().for_each(&mut f);
+            block(&mut layer.block, &mut f);
+        }
+        for (r, s) in &mut self.down {
+            block(r, &mut f);
+            block(s, &mut f);
+        }
+        for u in &mut self.up {
+            u.bn.iter_mut().for_each(&mut f);
+        }
+    }
+
+    /// This model converted to `form` (MixACB fused per group or merged; with
+    /// `Folded`, every other BN folded too) in a new store with the same names for the
+    /// layers that are only copied.
+    pub fn convert(
+        &self,
+        ctx: &GpuContext,
+        s: &ParamStore,
+        form: ModelForm,
+    ) -> Result<(Dunet, ParamStore)> {
+        let mut store = ParamStore::new();
+        let mut rng = Rng::new(0);
+        let mut b = Builder::new(ctx, &mut store, &mut rng);
+        let fold = form == ModelForm::Folded;
+        let init = self.init.convert(ctx, s, &mut b.sub("init"), fold)?;
+        let mut dense = Vec::new();
+        for (d, layers) in self.dense.iter().enumerate() {
+            let mut db = b.sub(&format!("dense{}", d + 1));
+            let mut out = Vec::new();
+            for (l, layer) in layers.iter().enumerate() {
+                let mut lb = db.sub(&format!("layers.{l}"));
+                out.push(DenseLayer {
+                    bottleneck: layer.bottleneck.convert(
+                        ctx,
+                        s,
+                        &mut lb.sub("bottleneck"),
+                        fold,
+                    )?,
+                    block: layer.block.convert(ctx, s, &mut lb.sub(layer.slot), form)?,
+                    slot: layer.slot,
+                });
+            }
+            dense.push(out);
+        }
+        let mut down = Vec::new();
+        for (i, (r, st)) in self.down.iter().enumerate() {
+            let mut tb = b.sub(&format!("down{}", i + 1));
+            let r = r.convert(ctx, s, &mut tb.sub("reduce"), form)?;
+            let st = st.convert(ctx, s, &mut tb.sub("strided"), form)?;
+            down.push((r, st));
+        }
+        let mut up = Vec::new();
+        for (i, u) in self.up.iter().enumerate() {
+            let mut ub = b.sub(&format!("up{}", self.config.levels + i + 1));
+            up.push(convert_up(ctx, s, u, &mut ub, fold)?);
+        }
+        let h = &self.head;
+        let hw = read_checked(ctx, s, h.weight, h.cout * h.cin)?;
+        let head = Conv {
+            weight: b.sub("head").add(
+                "weight",
+                Shape5::new(h.cout, h.cin, 1, 1, 1),
+                &hw,
+                ParamKind::Other,
+            )?,
+            ..h.clone()
+        };
+        let config = DunetConfig {
+            form,
+            ..self.config.clone()
+        };
+        let model = Dunet {
+            config,
+            init,
+            dense,
+            down,
+            up,
+            head,
+        };
+        Ok((model, store))
+    }
+}
+
+fn convert_up(
+    ctx: &GpuContext,
+    s: &ParamStore,
+    u: &UpLayer,
+    b: &mut Builder<'_>,
+    fold: bool,
+) -> Result<UpLayer> {
+    let t = &u.up;
+    let k: usize = t.kernel.iter().product();
+    let w = read_checked(ctx, s, t.weight, t.cin * t.cout * k)?;
+    let bias = match t.bias {
+        Some(id) => read_checked(ctx, s, id, t.cout)?,
+        None => vec![0.0; t.cout],
+    };
+    let (w, bias, bn) = match (&u.bn, fold) {
+        (Some(bn), true) => {
+            let (scale, shift) = bn.affine(ctx, s)?;
+            // Weight [Cin, Cout, k..]: output channel is the second index.
+            let w: Vec<f32> = w
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v * scale[(i / k) % t.cout])
+                .collect();
+            let bias: Vec<f32> = (0..t.cout).map(|o| bias[o] * scale[o] + shift[o]).collect();
+            (w, bias, None)
+        }
+        _ => (
+            w,
+            bias,
+            u.bn.as_ref()
+                .map(|bn| copy_bn(ctx, s, bn, &mut b.sub("bn")))
+                .transpose()?,
+        ),
+    };
+    let mut cb = b.sub("conv");
+    let weight = cb.add(
+        "weight",
+        Shape5::new(t.cin, t.cout, t.kernel[0], t.kernel[1], t.kernel[2]),
+        &w,
+        ParamKind::ConvWeight,
+    )?;
+    let bias = cb.add(
+        "bias",
+        Shape5::new(1, t.cout, 1, 1, 1),
+        &bias,
+        ParamKind::Affine,
+    )?;
+    Ok(UpLayer {
+        up: ConvTranspose {
+            weight,
+            bias: Some(bias),
+            ..t.clone()
+        },
+        bn,
+    })
+}

@@ -1,0 +1,10 @@
+//! Layers and models over the tape: basic layers, MixACB (branched and fused), DU-Net,
+//! and the parameter summary.
+
+pub mod dunet;
+pub mod layers;
+pub mod mixacb;
+pub mod summary;
+
+pub use dunet::{BlockKind, Dunet, DunetConfig, ModelForm};
+pub use mixacb::{FusedMixAcb, MixAcb, MixSpec};

@@ -1,0 +1,198 @@
+//! DU-Net and MixACB: the paper's parameter counts, and equivalence of the eval-mode
+//! training graph with the fused forms (per group, merged block-diagonal, all BN
+//! folded) on random weights and random BN statistics.
+
+mod common;
+
+use common::gpu;
+use masnet_wgpu::autograd::{Graph, Mode, ParamStore};
+use masnet_wgpu::nn::layers::Builder;
+use masnet_wgpu::nn::{BlockKind, Dunet, DunetConfig, MixAcb, MixSpec, ModelForm};
+use masnet_wgpu::ops::batchnorm::BatchNormSpec;
+use masnet_wgpu::rng::Rng;
+use masnet_wgpu::{GpuContext, Shape5, Tensor};
+
+fn counts(store: &ParamStore) -> (usize, usize) {
+    (store.trainable_count(), store.total_count())
+}
+
+#[test]
+fn parameter_counts_equal_the_papers() {
+    let ctx = gpu();
+    let mut s = ParamStore::new();
+    let cfg = DunetConfig {
+        block: BlockKind::Conv,
+        ..DunetConfig::default()
+    };
+    Dunet::new(&ctx, &mut s, cfg, 1).unwrap();
+    assert_eq!(s.trainable_count(), 2_492_795, "baseline DU-Net trainable");
+
+    let mut s = ParamStore::new();
+    let m = Dunet::new(&ctx, &mut s, DunetConfig::default(), 1).unwrap();
+    assert_eq!(
+        counts(&s),
+        (3_109_521, 3_117_549),
+        "DU-Net+MixACB training graph"
+    );
+    let (_, fused) = m.convert(&ctx, &s, ModelForm::Fused).unwrap();
+    assert_eq!(
+        counts(&fused),
+        (2_341_141, 2_344_401),
+        "DU-Net+MixACB fused"
+    );
+    let (_, merged) = m.convert(&ctx, &s, ModelForm::FusedMerged).unwrap();
+    let (_, folded) = m.convert(&ctx, &s, ModelForm::Folded).unwrap();
+    eprintln!("merged {:?}, folded {:?}", counts(&merged), counts(&folded));
+    // Folding removes exactly the BN scalars outside MixACB (4 per channel) and adds
+    // the biases of convs that had none: none here (every such conv has a bias).
+    assert_eq!(folded.total_count(), folded.trainable_count());
+}
+
+/// Random BN affine parameters and statistics, random biases: folding must use them.
+/// `stats` gives the plausible statistics to perturb (name -> values); without it the
+/// running statistics are drawn from fixed ranges.
+fn randomise(ctx: &GpuContext, s: &ParamStore, seed: u64, calibrated: bool) {
+    let mut rng = Rng::new(seed);
+    for (id, e) in s.iter() {
+        let n = e.value.shape().numel().unwrap();
+        let old = s.read(ctx, id).unwrap();
+        let v: Vec<f32> = if e.name.ends_with("bn.weight") {
+            rng.vec_f32(n, 0.7, 1.3)
+        } else if e.name.ends_with("bias") {
+            rng.vec_f32(n, -0.2, 0.2)
+        } else if e.name.ends_with("running_var") {
+            let f = rng.vec_f32(n, 0.7, 1.4);
+            if calibrated {
+                old.iter().zip(f).map(|(a, b)| a * b).collect()
+            } else {
+                f
+            }
+        } else if e.name.ends_with("running_mean") {
+            let var = s
+                .read(
+                    ctx,
+                    s.id(&e.name.replace("running_mean", "running_var"))
+                        .unwrap(),
+                )
+                .unwrap();
+            let f = rng.vec_f32(n, -0.2, 0.2);
+            if calibrated {
+                old.iter()
+                    .zip(f)
+                    .zip(var)
+                    .map(|((a, b), v)| a + b * v.sqrt())
+                    .collect()
+            } else {
+                f
+            }
+        } else {
+            continue;
+        };
+        s.set(ctx, id, &v).unwrap();
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn fused_mixacb_equals_the_eval_graph() {
+    let ctx = gpu();
+    for (stride, cin, cout, size) in [
+        (1, 23, 18, [7, 9, 5]),
+        (2, 23, 13, [7, 8, 9]),
+        (1, 6, 10, [5, 5, 5]),
+    ] {
+        let mut store = ParamStore::new();
+        let mut rng = Rng::new(stride as u64);
+        let block = MixAcb::new(
+            &mut Builder::new(&ctx, &mut store, &mut rng).sub("m"),
+            cin,
+            cout,
+            stride,
+            &MixSpec::default(),
+            BatchNormSpec::keras(),
+        )
+        .unwrap();
+        randomise(&ctx, &store, 9, false);
+        // The block reads channels 2.. of a wider input.
+        let xs = Shape5::new(2, cin + 2, size[0], size[1], size[2]);
+        let x = Rng::new(3).vec_f32(xs.numel().unwrap(), -1.0, 1.0);
+        let run = |store: &ParamStore,
+                   f: &dyn Fn(
+            &mut Graph<'_>,
+            masnet_wgpu::autograd::Var,
+        ) -> masnet_wgpu::autograd::Var|
+         -> Vec<f32> {
+            let mut g = Graph::no_grad(&ctx, Mode::Eval);
+            let xv = g.input(Tensor::from_slice(&ctx, xs, &x, "x").unwrap());
+            let y = f(&mut g, xv);
+            let p = g.softmax_channels(y).unwrap();
+            g.submit();
+            let _ = store;
+            p.to_vec(&ctx).unwrap()
+        };
+        let want = run(&store, &|g, xv| block.forward(g, &store, xv, 2).unwrap());
+        for merge in [false, true] {
+            let mut fs = ParamStore::new();
+            let mut r = Rng::new(0);
+            let fused = block
+                .fuse(
+                    &ctx,
+                    &store,
+                    &mut Builder::new(&ctx, &mut fs, &mut r).sub("m"),
+                    merge,
+                )
+                .unwrap();
+            let got = run(&fs, &|g, xv| fused.forward(g, &fs, xv, 2).unwrap());
+            let d = max_diff(&got, &want);
+            assert!(
+                d <= 1e-4,
+                "stride {stride} cin {cin} merge {merge}: max |diff| {d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_dunet_equals_the_eval_graph_on_a_32_cube() {
+    let ctx = gpu();
+    let mut s = ParamStore::new();
+    let mut m = Dunet::new(&ctx, &mut s, DunetConfig::default(), 5).unwrap();
+    let xs = Shape5::new(1, 2, 32, 32, 32);
+    let x = Rng::new(7).vec_f32(xs.numel().unwrap(), -1.0, 1.0);
+    // Statistics drawn blindly from fixed ranges do not normalise a 40-layer network:
+    // its logits reach thousands and f32 rounding alone moves the softmax by 1e-3. So
+    // first set every running statistic to the batch statistic of one pass (momentum
+    // 0), then perturb them and randomise the affine parameters and biases.
+    m.for_each_bn_mut(|bn| bn.spec.momentum = 0.0);
+    {
+        let mut g = Graph::no_grad(&ctx, Mode::Train);
+        let xv = g.input(Tensor::from_slice(&ctx, xs, &x, "x").unwrap());
+        m.forward(&mut g, &s, xv, 0).unwrap();
+        g.submit();
+        ctx.wait().unwrap();
+    }
+    m.for_each_bn_mut(|bn| bn.spec = BatchNormSpec::keras());
+    randomise(&ctx, &s, 6, true);
+    let probs = |model: &Dunet, store: &ParamStore| -> Vec<f32> {
+        let mut g = Graph::no_grad(&ctx, Mode::Eval);
+        let xv = g.input(Tensor::from_slice(&ctx, xs, &x, "x").unwrap());
+        let logits = model.forward(&mut g, store, xv, 0).unwrap();
+        let p = g.softmax_channels(logits).unwrap();
+        g.submit();
+        p.to_vec(&ctx).unwrap()
+    };
+    let want = probs(&m, &s);
+    for form in [ModelForm::Fused, ModelForm::FusedMerged, ModelForm::Folded] {
+        let (fm, fs) = m.convert(&ctx, &s, form).unwrap();
+        let d = max_diff(&probs(&fm, &fs), &want);
+        eprintln!("{form:?}: max |diff| of the softmax {d}");
+        assert!(d <= 1e-4, "{form:?}: max |diff| of the softmax {d}");
+    }
+}
