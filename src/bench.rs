@@ -173,3 +173,122 @@ pub fn bench_conv_backward_w1(ctx: &GpuContext, reps: usize) -> Result<Vec<Bench
     })
     .collect())
 }
+
+/// Times the eval-mode forward of `run` (a graph built by `build`), reporting the
+/// graph's own FLOP count.
+fn bench_graph(
+    ctx: &GpuContext,
+    name: &str,
+    reps: usize,
+    mut build: impl FnMut(&mut crate::autograd::Graph<'_>) -> Result<()>,
+) -> Result<BenchResult> {
+    use crate::autograd::{Graph, Mode};
+    let mut flops = 0.0;
+    let ms = median_ms(reps, || {
+        let mut g = Graph::no_grad(ctx, Mode::Eval);
+        build(&mut g)?;
+        flops = g.forward_flops();
+        g.submit();
+        ctx.wait()
+    })?;
+    Ok(BenchResult {
+        name: name.to_string(),
+        ms,
+        gflops: flops / (ms * 1e6),
+        adapter: ctx.adapter_name(),
+    })
+}
+
+/// MixACB of a dense layer (N2 C64->16 32^3, the paper's 3:1 split) in its three
+/// inference forms: branched eval graph (`mixacb.branched`: 8 convs + 8 BNs + sums +
+/// concat), one conv per group writing its channel range (`mixacb.fused`), one
+/// block-diagonal 5x5x5 conv (`mixacb.merged`). GFLOP/s counts each form's own work.
+pub fn bench_mixacb(ctx: &GpuContext, reps: usize) -> Result<Vec<BenchResult>> {
+    use crate::autograd::ParamStore;
+    use crate::nn::layers::Builder;
+    use crate::nn::mixacb::{MixAcb, MixSpec};
+    use crate::ops::batchnorm::BatchNormSpec;
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(3);
+    let block = MixAcb::new(
+        &mut Builder::new(ctx, &mut store, &mut rng).sub("m"),
+        64,
+        16,
+        1,
+        &MixSpec::default(),
+        BatchNormSpec::keras(),
+    )?;
+    let mut fs = ParamStore::new();
+    let mut r2 = Rng::new(0);
+    let fused = block.fuse(
+        ctx,
+        &store,
+        &mut Builder::new(ctx, &mut fs, &mut r2).sub("m"),
+        false,
+    )?;
+    let mut ms_ = ParamStore::new();
+    let merged = block.fuse(
+        ctx,
+        &store,
+        &mut Builder::new(ctx, &mut ms_, &mut r2).sub("m"),
+        true,
+    )?;
+    let xs = Shape5::new(2, 64, 32, 32, 32);
+    let x = std::rc::Rc::new(Tensor::from_slice(
+        ctx,
+        xs,
+        &rng.vec_f32(xs.numel()?, -1.0, 1.0),
+        "x",
+    )?);
+    let input = |g: &mut crate::autograd::Graph<'_>| g.input_shared(x.clone());
+    Ok(vec![
+        bench_graph(ctx, "mixacb.branched", reps, |g| {
+            let xv = input(g);
+            block.forward(g, &store, xv, 0).map(|_| ())
+        })?,
+        bench_graph(ctx, "mixacb.fused", reps, |g| {
+            let xv = input(g);
+            fused.forward(g, &fs, xv, 0).map(|_| ())
+        })?,
+        bench_graph(ctx, "mixacb.merged", reps, |g| {
+            let xv = input(g);
+            merged.forward(g, &ms_, xv, 0).map(|_| ())
+        })?,
+    ])
+}
+
+/// DU-Net+MixACB (paper configuration) forward on one 32^3 two-channel patch, eval
+/// mode, in each form: `dunet.forward.branched` (training graph), `.fused` (one conv
+/// per MixACB group), `.merged` (one block-diagonal conv per MixACB), `.folded` (per
+/// group, every BN folded), `.folded_merged` (merged, every BN folded).
+pub fn bench_dunet_forward(ctx: &GpuContext, reps: usize) -> Result<Vec<BenchResult>> {
+    use crate::autograd::ParamStore;
+    use crate::nn::{Dunet, DunetConfig, ModelForm};
+    let mut store = ParamStore::new();
+    let model = Dunet::new(ctx, &mut store, DunetConfig::default(), 1)?;
+    let xs = Shape5::new(1, 2, 32, 32, 32);
+    let mut rng = Rng::new(4);
+    let x = std::rc::Rc::new(Tensor::from_slice(
+        ctx,
+        xs,
+        &rng.vec_f32(xs.numel()?, -1.0, 1.0),
+        "x",
+    )?);
+    let mut out = vec![bench_graph(ctx, "dunet.forward.branched", reps, |g| {
+        let xv = g.input_shared(x.clone());
+        model.forward(g, &store, xv, 0).map(|_| ())
+    })?];
+    for (form, name) in [
+        (ModelForm::Fused, "dunet.forward.fused"),
+        (ModelForm::FusedMerged, "dunet.forward.merged"),
+        (ModelForm::Folded, "dunet.forward.folded"),
+        (ModelForm::FoldedMerged, "dunet.forward.folded_merged"),
+    ] {
+        let (m, s) = model.convert(ctx, &store, form)?;
+        out.push(bench_graph(ctx, name, reps, |g| {
+            let xv = g.input_shared(x.clone());
+            m.forward(g, &s, xv, 0).map(|_| ())
+        })?);
+    }
+    Ok(out)
+}

@@ -2,7 +2,10 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use masnet_wgpu::bench::{bench_conv_backward_w1, bench_conv_forward, conv_workloads, BenchResult};
+use masnet_wgpu::bench::{
+    bench_conv_backward_w1, bench_conv_forward, bench_dunet_forward, bench_mixacb, conv_workloads,
+    BenchResult,
+};
 use masnet_wgpu::gpu::list_adapters;
 use masnet_wgpu::ops::Conv3dVariant;
 use masnet_wgpu::{BackendChoice, GpuContext, GpuOptions};
@@ -56,6 +59,63 @@ enum Command {
     Info,
     /// Run benchmarks and print a table (or JSON lines with --json)
     Bench(BenchArgs),
+    /// Print a model's layers and parameter counts (training graph, fused, folded)
+    Summary(SummaryArgs),
+    /// Convert a training checkpoint to the inference form (MixACB and BN folded)
+    Fuse(FuseArgs),
+}
+
+#[derive(Args)]
+struct SummaryArgs {
+    /// Network
+    #[arg(long, value_enum, default_value = "dunet")]
+    model: ModelName,
+    /// Block of the dense layers and down transitions: mixacb or conv (baseline)
+    #[arg(long, default_value = "mixacb")]
+    block: String,
+    /// MixACB mix ratio of the kernel-3, kernel-5, ... groups
+    #[arg(long, default_value = "3:1")]
+    mix: String,
+    /// Channels each dense layer adds
+    #[arg(long, default_value_t = 16)]
+    growth: usize,
+    /// Channels of the initial convolution
+    #[arg(long, default_value_t = 32)]
+    init_features: usize,
+    /// Dense layers per dense block
+    #[arg(long, default_value_t = 3)]
+    layers: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModelName {
+    /// DU-Net (densely connected U-Net), the paper's main network
+    Dunet,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FuseForm {
+    /// One conv per MixACB group; the other BNs kept (the paper's fused model)
+    Groups,
+    /// One block-diagonal conv per MixACB; the other BNs kept
+    Merged,
+    /// One conv per MixACB group and every other conv+BN pair folded into conv+bias
+    Folded,
+    /// One block-diagonal conv per MixACB and every other BN folded
+    FoldedMerged,
+}
+
+#[derive(Args)]
+struct FuseArgs {
+    /// Training checkpoint (.safetensors) written by `masnet-wgpu train`
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// Output checkpoint
+    #[arg(short, long)]
+    output: std::path::PathBuf,
+    /// Inference form (see docs/models.md for the measured speed of each)
+    #[arg(long, value_enum, default_value = "folded")]
+    form: FuseForm,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -63,6 +123,12 @@ enum BenchSuite {
     /// conv3d forward W1 (N2 C32->32 32^3 3x3x3), W2 (1x3x3, 3x1x3, 3x3x1), W3 (N2 C8->8
     /// 5x5x5), and W1's backward (input and weight gradients)
     Conv,
+    /// MixACB of a dense layer (N2 C64->16 32^3): branched vs fused vs merged
+    Mixacb,
+    /// DU-Net+MixACB forward on a 32^3 patch in each form
+    Dunet,
+    /// Everything above
+    All,
 }
 
 #[derive(Args)]
@@ -142,8 +208,20 @@ fn print_results(results: &[BenchResult], json: bool) -> Result<()> {
 fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
     let ctx = gpu.open()?;
     let mut results = Vec::new();
+    let wants = |s: BenchSuite| {
+        matches!(args.suite, BenchSuite::All)
+            || std::mem::discriminant(&args.suite) == std::mem::discriminant(&s)
+    };
+    let mut extra: Vec<BenchResult> = Vec::new();
+    if wants(BenchSuite::Mixacb) {
+        extra.extend(bench_mixacb(&ctx, args.reps).context("benchmark mixacb")?);
+    }
+    if wants(BenchSuite::Dunet) {
+        extra.extend(bench_dunet_forward(&ctx, args.reps).context("benchmark dunet")?);
+    }
     match args.suite {
-        BenchSuite::Conv => {
+        BenchSuite::Mixacb | BenchSuite::Dunet => {}
+        BenchSuite::Conv | BenchSuite::All => {
             for w in conv_workloads() {
                 if args
                     .filter
@@ -175,7 +253,99 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
             }
         }
     }
+    results.extend(extra.into_iter().filter(|r| {
+        args.filter
+            .as_ref()
+            .is_none_or(|f| r.name.contains(f.as_str()))
+    }));
     print_results(&results, args.json)
+}
+
+fn summary(gpu: &GpuArgs, args: &SummaryArgs) -> Result<()> {
+    use masnet_wgpu::autograd::ParamStore;
+    use masnet_wgpu::nn::summary::{summary_rows, thousands};
+    use masnet_wgpu::nn::{Dunet, DunetConfig, MixSpec, ModelForm};
+    let ModelName::Dunet = args.model;
+    let ctx = gpu.open()?;
+    let config = DunetConfig {
+        block: args.block.parse()?,
+        mix: MixSpec::parse(&args.mix)?,
+        growth: args.growth,
+        init_features: args.init_features,
+        layers_per_block: args.layers,
+        ..DunetConfig::default()
+    };
+    let mut store = ParamStore::new();
+    let model = Dunet::new(&ctx, &mut store, config.clone(), 0)?;
+    println!(
+        "DU-Net, block {}, mix {}, growth {}, init features {}, {} layers per block",
+        args.block, args.mix, args.growth, args.init_features, args.layers
+    );
+    println!("{:<28} {:>12} {:>12}", "module", "trainable", "BN buffers");
+    for r in summary_rows(&store) {
+        println!(
+            "{:<28} {:>12} {:>12}",
+            r.module,
+            thousands(r.trainable),
+            thousands(r.buffers)
+        );
+    }
+    let line = |what: &str, s: &ParamStore| {
+        println!(
+            "{:<44} trainable {:>11}   total {:>11}",
+            what,
+            thousands(s.trainable_count()),
+            thousands(s.total_count())
+        )
+    };
+    println!();
+    line("training graph", &store);
+    if config.block == masnet_wgpu::nn::BlockKind::Mixacb {
+        let (_, fused) = model.convert(&ctx, &store, ModelForm::Fused)?;
+        line("MixACB fused (other BNs kept, as the paper)", &fused);
+        let (_, merged) = model.convert(&ctx, &store, ModelForm::FusedMerged)?;
+        line("MixACB merged block-diagonal (other BNs kept)", &merged);
+    }
+    let (_, folded) = model.convert(&ctx, &store, ModelForm::Folded)?;
+    line("every BN folded (inference)", &folded);
+    Ok(())
+}
+
+fn fuse(gpu: &GpuArgs, args: &FuseArgs) -> Result<()> {
+    use masnet_wgpu::nn::io::{load_model, save_model};
+    use masnet_wgpu::nn::ModelForm;
+    let ctx = gpu.open()?;
+    let (model, store, ckpt) = load_model(&ctx, &args.model)?;
+    let form = match args.form {
+        FuseForm::Groups => ModelForm::Fused,
+        FuseForm::Merged => ModelForm::FusedMerged,
+        FuseForm::Folded => ModelForm::Folded,
+        FuseForm::FoldedMerged => ModelForm::FoldedMerged,
+    };
+    if model.config.form != ModelForm::Training {
+        anyhow::bail!(
+            "{}: already in {:?} form; fuse needs a training checkpoint",
+            args.model.display(),
+            model.config.form
+        );
+    }
+    let (fused, fstore) = model.convert(&ctx, &store, form)?;
+    let mut meta: std::collections::BTreeMap<String, String> = ckpt
+        .metadata
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("masnet."))
+        .collect();
+    meta.insert("masnet.fused_from".into(), args.model.display().to_string());
+    save_model(&ctx, &args.output, &fused, &fstore, meta)?;
+    println!(
+        "{} -> {} ({:?}): {} parameters (was {})",
+        args.model.display(),
+        args.output.display(),
+        form,
+        fstore.total_count(),
+        store.total_count()
+    );
+    Ok(())
 }
 
 fn main() {
@@ -183,6 +353,8 @@ fn main() {
     let r = match &cli.command {
         Command::Info => info(&cli.gpu),
         Command::Bench(a) => bench(&cli.gpu, a),
+        Command::Summary(a) => summary(&cli.gpu, a),
+        Command::Fuse(a) => fuse(&cli.gpu, a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -5,7 +5,7 @@ use super::{Graph, Mode, Var};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::ops::batchnorm::{self, BatchNormSpec};
-use crate::ops::conv3d::{conv3d_check, conv3d_forward, Conv3dSpec, Conv3dVariant};
+use crate::ops::conv3d::{conv3d_check, conv3d_flops, conv3d_forward, Conv3dSpec, Conv3dVariant};
 use crate::ops::conv3d_backward::{
     conv3d_backward_bias, conv3d_backward_input, conv3d_backward_weight,
 };
@@ -66,6 +66,7 @@ impl Graph<'_> {
             &spec,
             AUTO,
         )?;
+        self.flops += conv3d_flops(oshape, wt.shape());
         let saved_y = spec.relu.then(|| y.clone());
         let mut inputs = vec![x, w];
         inputs.extend(b);
@@ -550,6 +551,8 @@ impl Graph<'_> {
         let ctx = self.ctx;
         let c = Rc::new(empty(ctx, Shape5::new(1, 1, batch, m, n), "matmul")?);
         matmul::batched_matmul(ctx, &mut self.rec, &at, &bt, &c, trans_a, trans_b)?;
+        let k = if trans_a { sa[3] } else { sa[4] };
+        self.flops += 2.0 * (batch * m * n * k) as f64;
         self.push("batched_matmul", c, &[a, b], move |ctx, rec, gc, needs| {
             let da = needs[0]
                 .then(|| empty(ctx, at.shape(), "matmul da"))
@@ -702,6 +705,9 @@ impl Graph<'_> {
                 &gr.spec,
                 AUTO,
             )?;
+            self.flops += conv3d_flops(y.channels(gr.out_offset, cout)?.tensor.shape(), w.shape())
+                * cout as f64
+                / out_channels as f64;
             inputs.push(gr.weight);
             inputs.extend(gr.bias);
         }

@@ -88,6 +88,7 @@ pub struct Graph<'c> {
     grad_enabled: bool,
     params: HashMap<ParamId, Var>,
     grads: HashMap<usize, Tensor>,
+    flops: f64,
 }
 
 impl<'c> Graph<'c> {
@@ -102,6 +103,7 @@ impl<'c> Graph<'c> {
             grad_enabled: true,
             params: HashMap::new(),
             grads: HashMap::new(),
+            flops: 0.0,
         }
     }
 
@@ -120,6 +122,13 @@ impl<'c> Graph<'c> {
     /// Whether ops record backward closures.
     pub fn grad_enabled(&self) -> bool {
         self.grad_enabled
+    }
+
+    /// Floating-point operations of the convolutions and matrix products recorded in
+    /// the forward pass so far (2 per multiply-add; transposed convs counted without
+    /// the zeros of their dilated form).
+    pub fn forward_flops(&self) -> f64 {
+        self.flops
     }
 
     /// The GPU context.
@@ -141,6 +150,11 @@ impl<'c> Graph<'c> {
     /// A constant input (no gradient).
     pub fn input(&mut self, t: Tensor) -> Var {
         self.leaf(Rc::new(t), false, None, "input")
+    }
+
+    /// A constant input shared with the caller (no copy, no gradient).
+    pub fn input_shared(&mut self, t: Rc<Tensor>) -> Var {
+        self.leaf(t, false, None, "input")
     }
 
     /// A leaf whose gradient [`Graph::grad`] can return after backward.

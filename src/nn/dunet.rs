@@ -50,8 +50,22 @@ pub enum ModelForm {
     Fused,
     /// MixACB folded to one block-diagonal conv per block; other BNs kept.
     FusedMerged,
-    /// Fused and every remaining conv+BN pair folded into conv+bias.
+    /// One conv per MixACB group and every remaining conv+BN pair folded into
+    /// conv+bias.
     Folded,
+    /// One block-diagonal conv per MixACB and every remaining BN folded.
+    FoldedMerged,
+}
+
+impl ModelForm {
+    /// Whether the conv+BN pairs outside MixACB are folded.
+    pub fn folds_bn(self) -> bool {
+        matches!(self, ModelForm::Folded | ModelForm::FoldedMerged)
+    }
+    /// Whether each MixACB becomes one block-diagonal conv.
+    pub fn merges(self) -> bool {
+        matches!(self, ModelForm::FusedMerged | ModelForm::FoldedMerged)
+    }
 }
 
 /// DU-Net hyper-parameters (defaults = the paper's).
@@ -253,13 +267,10 @@ impl Block {
                 ModelForm::Training => {
                     return Err(Error::InvalidArgument("cannot un-fuse a model".into()))
                 }
-                ModelForm::Fused => Block::Fused(m.fuse(ctx, s, b, false)?),
-                ModelForm::FusedMerged | ModelForm::Folded => {
-                    Block::Fused(m.fuse(ctx, s, b, true)?)
-                }
+                _ => Block::Fused(m.fuse(ctx, s, b, form.merges())?),
             },
             Block::Fused(f) => Block::Fused(copy_fused(ctx, s, f, b)?),
-            Block::Conv(c) => Block::Conv(c.convert(ctx, s, b, form == ModelForm::Folded)?),
+            Block::Conv(c) => Block::Conv(c.convert(ctx, s, b, form.folds_bn())?),
         })
     }
 }
@@ -524,7 +535,7 @@ impl Dunet {
         let mut store = ParamStore::new();
         let mut rng = Rng::new(0);
         let mut b = Builder::new(ctx, &mut store, &mut rng);
-        let fold = form == ModelForm::Folded;
+        let fold = form.folds_bn();
         let init = self.init.convert(ctx, s, &mut b.sub("init"), fold)?;
         let mut dense = Vec::new();
         for (d, layers) in self.dense.iter().enumerate() {

@@ -2,6 +2,7 @@
 //! and the parameter summary.
 
 pub mod dunet;
+pub mod io;
 pub mod layers;
 pub mod mixacb;
 pub mod summary;

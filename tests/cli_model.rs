@@ -1,0 +1,122 @@
+//! `masnet-wgpu summary` and `masnet-wgpu fuse` through the real binary.
+
+mod common;
+
+use masnet_wgpu::autograd::ParamStore;
+use masnet_wgpu::nn::io::{load_model, save_model};
+use masnet_wgpu::nn::{Dunet, DunetConfig, ModelForm};
+use std::process::Command;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_masnet-wgpu"));
+    c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    c
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("masnet-cli-model-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn summary_prints_the_papers_counts() {
+    let out = bin()
+        .args(["summary", "--model", "dunet", "--block", "mixacb"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in [
+        "3,109,521",
+        "3,117,549",
+        "2,341,141",
+        "2,344,401",
+        "dense7.layers.2",
+        "down3.strided",
+    ] {
+        assert!(text.contains(n), "missing {n} in:\n{text}");
+    }
+    let out = bin().args(["summary", "--block", "conv"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("2,492,795"), "{text}");
+    let out = bin()
+        .args(["summary", "--block", "resnet"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected mixacb or conv"));
+}
+
+#[test]
+fn fuse_converts_a_training_checkpoint_and_refuses_bad_input() {
+    let ctx = common::gpu();
+    let small = DunetConfig {
+        init_features: 8,
+        growth: 4,
+        layers_per_block: 1,
+        bottleneck: 8,
+        levels: 1,
+        ..DunetConfig::default()
+    };
+    let mut store = ParamStore::new();
+    let model = Dunet::new(&ctx, &mut store, small, 3).unwrap();
+    let src = temp("train.safetensors");
+    save_model(&ctx, &src, &model, &store, Default::default()).unwrap();
+    let dst = temp("fused.safetensors");
+    let out = bin()
+        .args([
+            "fuse",
+            "--model",
+            src.to_str().unwrap(),
+            "-o",
+            dst.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (fused, fstore, _) = load_model(&ctx, &dst).unwrap();
+    assert_eq!(fused.config.form, ModelForm::Folded);
+    assert_eq!(
+        fstore.total_count(),
+        fstore.trainable_count(),
+        "no BN buffers left"
+    );
+    // Fusing a fused model, a missing file and a non-model file fail without output.
+    let again = temp("again.safetensors");
+    for input in [
+        dst.clone(),
+        temp("missing.safetensors"),
+        src.with_extension("txt"),
+    ] {
+        if input.extension().is_some_and(|e| e == "txt") {
+            std::fs::write(&input, b"not a checkpoint").unwrap();
+        }
+        let out = bin()
+            .args([
+                "fuse",
+                "--model",
+                input.to_str().unwrap(),
+                "-o",
+                again.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{input:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("error:") && err.contains(input.file_name().unwrap().to_str().unwrap()),
+            "{err}"
+        );
+        assert!(!again.exists(), "partial output after {input:?}");
+    }
+}
