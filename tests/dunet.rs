@@ -203,3 +203,62 @@ fn fused_dunet_equals_the_eval_graph_on_a_32_cube() {
         assert!(d <= 1e-4, "{form:?}: max |diff| of the softmax {d}");
     }
 }
+
+#[test]
+fn mixacb_training_gradients_match_directional_finite_differences() {
+    let ctx = gpu();
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(12);
+    let block = MixAcb::new(
+        &mut Builder::new(&ctx, &mut store, &mut rng).sub("m"),
+        9,
+        6,
+        2,
+        &MixSpec::default(),
+        BatchNormSpec::keras(),
+    )
+    .unwrap();
+    randomise(&ctx, &store, 13, false);
+    let xs = Shape5::new(2, 11, 5, 6, 4);
+    let x0 = Rng::new(14).vec_f32(xs.numel().unwrap(), -1.0, 1.0);
+    let r = Rng::new(15).vec_f32(2 * 6 * 3 * 3 * 2, -1.0, 1.0);
+    // L = sum r * MixACB(x[:, 2..11]) in training mode (batch statistics).
+    let eval = |x: &[f32], grad: bool| -> (f64, Vec<f32>) {
+        let mut g = Graph::new(&ctx, Mode::Train);
+        let xv = g.variable(Tensor::from_slice(&ctx, xs, x, "x").unwrap());
+        let y = block.forward(&mut g, &store, xv, 2).unwrap();
+        let ys = g.value(y).unwrap().shape();
+        let rv = g.input(Tensor::from_slice(&ctx, ys, &r, "r").unwrap());
+        let w = Shape5::new(1, 1, 1, 1, ys.numel().unwrap());
+        let yf = g.reshape(y, w).unwrap();
+        let rf = g.reshape(rv, w).unwrap();
+        let l = g.batched_matmul(yf, rf, false, true).unwrap();
+        if grad {
+            g.backward(l).unwrap();
+        }
+        g.submit();
+        let lv = g.value(l).unwrap().to_vec(&ctx).unwrap()[0] as f64;
+        let gx = if grad {
+            g.grad(xv).unwrap().to_vec(&ctx).unwrap()
+        } else {
+            vec![]
+        };
+        (lv, gx)
+    };
+    let (_, gx) = eval(&x0, true);
+    // Channels 0..2 are not read: their gradient is exactly zero.
+    let vox = 5 * 6 * 4;
+    assert!(gx[..2 * vox].iter().all(|&v| v == 0.0));
+    let mut rng = Rng::new(16);
+    let h = 1e-2f32;
+    for trial in 0..3 {
+        let u = rng.vec_f32(x0.len(), -1.0, 1.0);
+        let sh = |s: f32| -> Vec<f32> { x0.iter().zip(&u).map(|(a, b)| a + s * b).collect() };
+        let fd = (eval(&sh(h), false).0 - eval(&sh(-h), false).0) / (2.0 * h as f64);
+        let an: f64 = gx.iter().zip(&u).map(|(a, b)| *a as f64 * *b as f64).sum();
+        assert!(
+            (fd - an).abs() <= 1e-2 * fd.abs().max(an.abs()) + 1e-3,
+            "trial {trial}: fd {fd} vs {an}"
+        );
+    }
+}

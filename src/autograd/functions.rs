@@ -768,3 +768,76 @@ impl Graph<'_> {
         })
     }
 }
+
+impl Graph<'_> {
+    /// Channel concatenation of sums: output channel range `i` holds the sum of
+    /// `groups[i]` (values of equal shape), written in place — a MixACB's groups each
+    /// sum their branches straight into their range of the block's output.
+    pub fn concat_of_sums(&mut self, groups: &[Vec<Var>]) -> Result<Var> {
+        let mut ts: Vec<Vec<Rc<Tensor>>> = Vec::new();
+        for g in groups {
+            if g.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "concat_of_sums: an empty group".into(),
+                ));
+            }
+            ts.push(g.iter().map(|&v| self.tensor(v)).collect::<Result<_>>()?);
+        }
+        let first = ts
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("concat_of_sums of no groups".into()))?[0]
+            .shape();
+        let mut c = 0;
+        for group in &ts {
+            let s = group[0].shape();
+            for t in group {
+                if t.shape() != s || s.n() != first.n() || s.spatial() != first.spatial() {
+                    return Err(Error::Shape(format!(
+                        "concat_of_sums: '{}' {} does not match '{}' {first}",
+                        t.name,
+                        t.shape(),
+                        ts[0][0].name
+                    )));
+                }
+            }
+            c += s.c();
+        }
+        let [n, _, d, h, w] = first.0;
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, Shape5::new(n, c, d, h, w), "concat_of_sums")?);
+        let mut ranges = Vec::new();
+        let mut inputs = Vec::new();
+        let mut off = 0;
+        for (group, vars) in ts.iter().zip(groups) {
+            let k = group[0].shape().c();
+            let dst = y.channels(off, k)?;
+            elementwise::copy_channels(ctx, &mut self.rec, group[0].all(), dst)?;
+            for t in &group[1..] {
+                elementwise::add_channels(ctx, &mut self.rec, t.all(), dst)?;
+            }
+            for &v in vars {
+                ranges.push((off, k));
+                inputs.push(v);
+            }
+            off += k;
+        }
+        self.push("concat_of_sums", y, &inputs, move |ctx, rec, gy, needs| {
+            let mut out = Vec::new();
+            for (&(off, k), &need) in ranges.iter().zip(needs) {
+                out.push(if need {
+                    let s = gy.shape();
+                    let dx = empty(
+                        ctx,
+                        Shape5::new(s.n(), k, s.0[2], s.0[3], s.0[4]),
+                        "concat_of_sums dx",
+                    )?;
+                    elementwise::copy_channels(ctx, rec, gy.channels(off, k)?, dx.all())?;
+                    Some(dx)
+                } else {
+                    None
+                });
+            }
+            Ok(out)
+        })
+    }
+}

@@ -184,20 +184,17 @@ impl MixAcb {
         x: Var,
         offset: usize,
     ) -> Result<Var> {
-        let mut outs = Vec::new();
+        let mut sums = Vec::new();
         for gr in &self.groups {
-            let mut sum = Vec::new();
+            let mut branch_outputs = Vec::new();
             for (conv, bn) in &gr.branches {
                 let y = conv.forward_from(g, store, x, offset + gr.in_offset)?;
-                sum.push(bn.forward(g, store, y)?);
+                branch_outputs.push(bn.forward(g, store, y)?);
             }
-            outs.push(g.sum(&sum)?);
+            sums.push(branch_outputs);
         }
-        if outs.len() == 1 {
-            Ok(outs[0])
-        } else {
-            g.concat(&outs)
-        }
+        // Each group's branch sum lands directly in its channel range of the output.
+        g.concat_of_sums(&sums)
     }
 
     /// Folds every branch's BN (its own epsilon) into its kernel, adds the asymmetric
