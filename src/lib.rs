@@ -7,15 +7,19 @@
 pub mod autograd;
 pub mod bench;
 pub mod checkpoint;
+pub mod data;
 pub mod error;
 pub mod gpu;
 pub mod init;
+pub mod metrics;
 pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod rng;
 pub mod schedule;
+pub mod segment;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use gpu::{BackendChoice, GpuContext, GpuOptions};

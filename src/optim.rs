@@ -110,6 +110,28 @@ impl Adam {
         f64::from(self.config.l2) * terms.iter().map(|&t| f64::from(t)).sum::<f64>()
     }
 
+    /// Restores the step count (when resuming).
+    pub fn set_steps(&mut self, steps: u32) {
+        self.step = steps;
+    }
+
+    /// Restores the moments of `id` (when resuming); call with no recording open.
+    pub fn set_moments(
+        &mut self,
+        ctx: &GpuContext,
+        store: &ParamStore,
+        id: ParamId,
+        m: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
+        let e = store.entry(id)?;
+        let shape = e.value.shape();
+        let m = Tensor::from_slice(ctx, shape, m, &format!("{}.adam_m", e.name))?;
+        let v = Tensor::from_slice(ctx, shape, v, &format!("{}.adam_v", e.name))?;
+        self.moments.insert(id, (m, v));
+        Ok(())
+    }
+
     /// The moment tensors of a parameter, once it has been stepped (for checkpoints).
     pub fn moments(&self, id: ParamId) -> Option<(&Tensor, &Tensor)> {
         self.moments.get(&id).map(|(m, v)| (m, v))

@@ -70,6 +70,7 @@ impl ModelForm {
 
 /// DU-Net hyper-parameters (defaults = the paper's).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DunetConfig {
     /// Input modalities (T1, T2).
     pub in_channels: usize,

@@ -26,11 +26,21 @@ pub fn save_model(
     store: &ParamStore,
     extra: BTreeMap<String, String>,
 ) -> Result<()> {
+    model_checkpoint(ctx, model, store, extra)?.write(path)
+}
+
+/// The checkpoint [`save_model`] writes, to add tensors to before writing.
+pub fn model_checkpoint(
+    ctx: &GpuContext,
+    model: &Dunet,
+    store: &ParamStore,
+    extra: BTreeMap<String, String>,
+) -> Result<Checkpoint> {
     let mut meta = extra;
     let config = serde_json::to_string(&ModelConfig::Dunet(model.config.clone()))
         .map_err(|e| Error::InvalidArgument(format!("model configuration: {e}")))?;
     meta.insert(KEY_CONFIG.to_string(), config);
-    Checkpoint::from_store(ctx, store, meta)?.write(path)
+    Checkpoint::from_store(ctx, store, meta)
 }
 
 /// The configuration stored in a checkpoint, with the checkpoint's file name in errors.
