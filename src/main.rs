@@ -1,5 +1,7 @@
 //! `masnet-wgpu`: the command-line tool.
 
+mod commands;
+
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use masnet_wgpu::bench::{
@@ -63,6 +65,14 @@ enum Command {
     Summary(SummaryArgs),
     /// Convert a training checkpoint to the inference form (MixACB and BN folded)
     Fuse(FuseArgs),
+    /// Train a DU-Net on T1+T2 patches (default data: the embedded brain)
+    Train(Box<commands::train::TrainArgs>),
+    /// Segment a T1+T2 pair with one or more models
+    Segment(commands::segment::SegmentArgs),
+    /// Dice, MHD and ASD per tissue of a segmentation against the truth
+    Eval(commands::eval::EvalArgs),
+    /// Train, fuse, segment and evaluate on the embedded brain in a few minutes
+    Demo(commands::demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -348,6 +358,25 @@ fn fuse(gpu: &GpuArgs, args: &FuseArgs) -> Result<()> {
     Ok(())
 }
 
+fn train(gpu: &GpuArgs, a: &commands::train::TrainArgs) -> Result<()> {
+    let ctx = gpu.open()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    // Ctrl-C: finish the current step, save a checkpoint, exit with 130.
+    ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    if commands::train::run(&ctx, a, stop)? {
+        println!("done: {}", commands::train::latest(&a.output).display());
+        Ok(())
+    } else {
+        eprintln!(
+            "interrupted: checkpoint saved to {}",
+            a.output.join("interrupted.safetensors").display()
+        );
+        std::process::exit(130);
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let r = match &cli.command {
@@ -355,6 +384,13 @@ fn main() {
         Command::Bench(a) => bench(&cli.gpu, a),
         Command::Summary(a) => summary(&cli.gpu, a),
         Command::Fuse(a) => fuse(&cli.gpu, a),
+        Command::Train(a) => train(&cli.gpu, a),
+        Command::Segment(a) => cli
+            .gpu
+            .open()
+            .and_then(|ctx| commands::segment::run(&ctx, a)),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Demo(a) => cli.gpu.open().and_then(|ctx| commands::demo::run(&ctx, a)),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -1,0 +1,302 @@
+//! `masnet-wgpu train`.
+
+use super::{embedded_training, folder_training, parse_range, progress_bar};
+use anyhow::{Context, Result};
+use clap::Args;
+use masnet_wgpu::data::sampler::PatchSampler;
+use masnet_wgpu::data::volume::LabelMap;
+use masnet_wgpu::nn::{DunetConfig, MixSpec};
+use masnet_wgpu::schedule::LrSchedule;
+use masnet_wgpu::train::{TrainEvent, TrainOptions, TrainOutcome, Trainer};
+use masnet_wgpu::GpuContext;
+use serde::Deserialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Train a DU-Net (MixACB or baseline) on patches of T1+T2 images
+#[derive(Args, Clone, Debug, Default)]
+pub struct TrainArgs {
+    /// TOML file with [model], [train] and [data] sections (see docs/training.md);
+    /// flags given here override it
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Folder of iSeg-style subjects (subject-<id>-T1/-T2/-label); default: the embedded
+    /// brain (trained on its x < 48 half)
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Label values in the files for classes 0..3, e.g. 0,10,150,250 for iSeg
+    #[arg(long)]
+    pub label_map: Option<String>,
+    /// Network; only dunet for now
+    #[arg(long, default_value = "dunet")]
+    pub model: String,
+    /// Block of dense layers and down transitions: mixacb or conv
+    #[arg(long)]
+    pub block: Option<String>,
+    /// MixACB mix ratio, e.g. 3:1
+    #[arg(long)]
+    pub mix: Option<String>,
+    /// Channels each dense layer adds [paper: 16]
+    #[arg(long)]
+    pub growth: Option<usize>,
+    /// Channels of the initial convolution [paper: 32]
+    #[arg(long)]
+    pub init_features: Option<usize>,
+    /// Dense layers per block [paper: 3]
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Bottleneck width [paper: 64]
+    #[arg(long)]
+    pub bottleneck: Option<usize>,
+    /// Down transitions [paper: 3]
+    #[arg(long)]
+    pub levels: Option<usize>,
+    /// Patch edge in voxels [paper: 32]
+    #[arg(long)]
+    pub patch: Option<usize>,
+    /// Patches per step [paper: 16]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Epochs [paper: 500]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Steps per epoch [paper: 62]
+    #[arg(long)]
+    pub steps_per_epoch: Option<usize>,
+    /// Learning-rate schedule: constant:LR, cosine:MAX:MIN:PERIOD or
+    /// step:LR1,LR2,...:EVERY [paper: cosine:3e-4:1e-6:50]
+    #[arg(long)]
+    pub lr_schedule: Option<String>,
+    /// Seed of initialisation, sampling and dropout
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Checkpoint every N epochs (and at the end)
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Probability of centring a patch on a labelled voxel [default 0: uniform corners]
+    #[arg(long)]
+    pub foreground_bias: Option<f64>,
+    /// Restrict patches along x to START:END (e.g. one hemisphere)
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Output folder (checkpoints, metrics.jsonl)
+    #[arg(short, long, default_value = "runs/train")]
+    pub output: PathBuf,
+    /// Continue the run saved in this checkpoint exactly (model, optimiser, schedule,
+    /// sampler)
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+/// The `[data]` section of the configuration file.
+#[derive(Deserialize, Default, Debug)]
+#[serde(default, deny_unknown_fields)]
+struct DataSection {
+    dir: Option<PathBuf>,
+    label_map: Option<String>,
+    region: Option<String>,
+    foreground_bias: Option<f64>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(default, deny_unknown_fields)]
+struct ConfigFile {
+    model: DunetConfig,
+    train: TrainOptions,
+    data: DataSection,
+}
+
+/// Everything a run needs, after merging the file and the flags.
+pub struct Plan {
+    /// Network configuration.
+    pub model: DunetConfig,
+    /// Optimisation.
+    pub train: TrainOptions,
+    data: DataSection,
+}
+
+impl TrainArgs {
+    /// Merges the configuration file (if any) with the flags.
+    pub fn plan(&self) -> Result<Plan> {
+        if self.model != "dunet" {
+            anyhow::bail!(
+                "model '{}': only dunet is available (the other networks are issue 8)",
+                self.model
+            );
+        }
+        let mut f = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str::<ConfigFile>(&text)
+                    .with_context(|| format!("{}: invalid configuration", p.display()))?
+            }
+            None => ConfigFile::default(),
+        };
+        let m = &mut f.model;
+        if let Some(b) = &self.block {
+            m.block = b.parse()?;
+        }
+        if let Some(x) = &self.mix {
+            m.mix = MixSpec::parse(x)?;
+        }
+        set(&mut m.growth, self.growth);
+        set(&mut m.init_features, self.init_features);
+        set(&mut m.layers_per_block, self.layers);
+        set(&mut m.bottleneck, self.bottleneck);
+        set(&mut m.levels, self.levels);
+        let t = &mut f.train;
+        set(&mut t.patch, self.patch);
+        set(&mut t.batch, self.batch);
+        set(&mut t.epochs, self.epochs);
+        set(&mut t.steps_per_epoch, self.steps_per_epoch);
+        set(&mut t.seed, self.seed);
+        set(&mut t.checkpoint_every, self.checkpoint_every);
+        if let Some(s) = &self.lr_schedule {
+            t.schedule = s.parse::<LrSchedule>()?;
+        }
+        t.validate()?;
+        let d = &mut f.data;
+        if self.data.is_some() {
+            d.dir = self.data.clone();
+        }
+        if self.label_map.is_some() {
+            d.label_map = self.label_map.clone();
+        }
+        if self.region.is_some() {
+            d.region = self.region.clone();
+        }
+        if self.foreground_bias.is_some() {
+            d.foreground_bias = self.foreground_bias;
+        }
+        let m = 1usize << f.model.levels;
+        if f.train.patch % m != 0 {
+            anyhow::bail!(
+                "patch {} must be a multiple of {m} (2^levels)",
+                f.train.patch
+            );
+        }
+        Ok(Plan {
+            model: f.model,
+            train: f.train,
+            data: f.data,
+        })
+    }
+}
+
+fn set<T>(dst: &mut T, v: Option<T>) {
+    if let Some(v) = v {
+        *dst = v;
+    }
+}
+
+impl Plan {
+    /// The patch sampler over the configured data.
+    pub fn sampler(&self) -> Result<PatchSampler> {
+        let (volumes, default_region) = match &self.data.dir {
+            Some(dir) => {
+                let map = match &self.data.label_map {
+                    Some(s) => LabelMap::parse(s)?,
+                    None => LabelMap::identity(self.model.classes)?,
+                };
+                (folder_training(dir, &map)?, None)
+            }
+            None => (vec![embedded_training()?.0], Some(0..48)),
+        };
+        let mut s = PatchSampler::new(volumes, self.train.seed)?;
+        let region = match &self.data.region {
+            Some(r) => Some(parse_range(r)?),
+            None => default_region,
+        };
+        if let Some(r) = region {
+            s = s.with_region(r)?;
+        }
+        if let Some(q) = self.data.foreground_bias {
+            s = s.with_foreground_bias(q)?;
+        }
+        Ok(s)
+    }
+}
+
+/// Runs `train`; returns whether it finished (false: interrupted, checkpoint saved).
+pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<bool> {
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
+    let (mut trainer, mut sampler) = match &args.resume {
+        Some(ckpt) => {
+            let t = Trainer::resume(ctx, ckpt, &args.output)?;
+            let mut plan = args.plan()?;
+            plan.train = t.state.options.clone();
+            plan.model = t.model.config.clone();
+            let s = plan.sampler()?;
+            (t, s)
+        }
+        None => {
+            let plan = args.plan()?;
+            let s = plan.sampler()?;
+            let t = Trainer::new(
+                ctx,
+                plan.model.clone(),
+                plan.train.clone(),
+                s.state(),
+                &args.output,
+            )?;
+            (t, s)
+        }
+    };
+    let o = trainer.state.options.clone();
+    eprintln!(
+        "training DU-Net ({:?} block, {} parameters) on {} for {} epochs x {} steps, batch {}, patch {}^3, lr {}",
+        trainer.model.config.block,
+        trainer.store.trainable_count(),
+        ctx.adapter_name(),
+        o.epochs,
+        o.steps_per_epoch,
+        o.batch,
+        o.patch,
+        o.schedule
+    );
+    let total = (o.epochs * o.steps_per_epoch) as u64;
+    let pb = progress_bar(
+        total,
+        "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+    );
+    pb.set_position(trainer.state.global_step);
+    let log_path = args.output.join("metrics.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut log_err = None;
+    let outcome = trainer.run(&mut sampler, &stop, |ev| match ev {
+        TrainEvent::Step { epoch, step, loss, lr, patches_per_s } => {
+            pb.set_message(format!(
+                "epoch {} step {step}/{} loss {loss:.4} lr {lr:.2e} {patches_per_s:.1} patches/s",
+                epoch + 1,
+                o.steps_per_epoch
+            ));
+            pb.inc(1);
+        }
+        TrainEvent::Epoch { epoch, mean_loss, lr, seconds } => {
+            let line = serde_json::json!({"epoch": epoch + 1, "mean_loss": mean_loss, "lr": lr, "seconds": seconds});
+            if let Err(e) = writeln!(log, "{line}") {
+                log_err = Some(e);
+            }
+            pb.println(format!("epoch {} mean loss {mean_loss:.4} ({seconds:.1} s)", epoch + 1));
+        }
+        TrainEvent::Checkpoint(p) => pb.println(format!("checkpoint {}", p.display())),
+    })?;
+    pb.finish_and_clear();
+    if let Some(e) = log_err {
+        return Err(e).with_context(|| format!("writing {}", log_path.display()));
+    }
+    Ok(outcome == TrainOutcome::Finished)
+}
+
+/// The latest checkpoint a finished run wrote.
+pub fn latest(out: &Path) -> PathBuf {
+    out.join("latest.safetensors")
+}
