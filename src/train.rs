@@ -46,7 +46,7 @@ impl BatchSource for crate::data::sampler::PatchSampler {
 
 /// Hyper-parameters of a run (defaults: the paper's recipe).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainOptions {
     /// Patches per step.
     pub batch: usize,

@@ -243,3 +243,130 @@ fn train_resume_segment_eval_on_the_embedded_brain() {
         &out,
     );
 }
+
+/// An iSeg-style folder (Analyze pairs, labels 0/10/150/250) cut from the embedded brain.
+fn iseg_folder(d: &Path) -> PathBuf {
+    let brain = volume::load_embedded().unwrap();
+    let f = d.join("iseg");
+    std::fs::create_dir_all(&f).unwrap();
+    let map = volume::LabelMap::parse("0,10,150,250").unwrap();
+    for id in ["1", "2"] {
+        let p = |m: &str| f.join(format!("subject-{id}-{m}.hdr"));
+        volume::write_like(&p("T1"), &brain.t1, &brain.t1.data, DataType::F32).unwrap();
+        volume::write_like(&p("T2"), &brain.t2, &brain.t2.data, DataType::F32).unwrap();
+        let labels = map.from_classes(&brain.labels).unwrap();
+        volume::write_like(&p("label"), &brain.t1, &labels, DataType::U8).unwrap();
+    }
+    f
+}
+
+#[test]
+fn config_file_iseg_folder_ensemble_and_ctrl_c() {
+    let d = dir().join("more");
+    std::fs::create_dir_all(&d).unwrap();
+    let iseg = iseg_folder(&d);
+    let cfg = d.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\ninit_features = 4\ngrowth = 4\nlayers_per_block = 1\nbottleneck = 4\nlevels = 1\n\
+             [train]\npatch = 8\nbatch = 2\nepochs = 1\nsteps_per_epoch = 2\nseed = 9\n\
+             [data]\ndir = {:?}\nlabel_map = \"0,10,150,250\"\nforeground_bias = 0.5\n",
+            iseg.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = d.join("run");
+    ok(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let model = out.join("latest.safetensors");
+    assert!(model.exists());
+    // An unknown key in the file is an error naming the file.
+    let bad_cfg = d.join("bad.toml");
+    std::fs::write(&bad_cfg, "[train]\nbatchsize = 3\n").unwrap();
+    fails(
+        &[
+            "train",
+            "--config",
+            bad_cfg.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        "bad.toml",
+        &d.join("none"),
+    );
+
+    // Two models = majority vote; labels written back with the iSeg values (Analyze).
+    let seg = d.join("subject-1-seg.hdr");
+    let t1 = iseg.join("subject-1-T1.hdr");
+    let t2 = iseg.join("subject-1-T2.hdr");
+    ok(&[
+        "segment",
+        "--model",
+        model.to_str().unwrap(),
+        "--model",
+        out.join("epoch-0001.safetensors").to_str().unwrap(),
+        "--t1",
+        t1.to_str().unwrap(),
+        "--t2",
+        t2.to_str().unwrap(),
+        "--patch",
+        "48",
+        "--step",
+        "48",
+        "--label-map",
+        "0,10,150,250",
+        "-o",
+        seg.to_str().unwrap(),
+    ]);
+    let s = volume::read(&seg).unwrap();
+    assert!(s.data.iter().all(|v| [0.0, 10.0, 150.0, 250.0].contains(v)));
+    let json = ok(&[
+        "eval",
+        "--pred",
+        seg.to_str().unwrap(),
+        "--truth",
+        iseg.join("subject-1-label.hdr").to_str().unwrap(),
+        "--label-map",
+        "0,10,150,250",
+        "--json",
+    ]);
+    assert!(json.contains("\"gm\""), "{json}");
+
+    // Ctrl-C (SIGINT) during a long run: exit 130 and a loadable checkpoint.
+    let long = d.join("long");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_masnet-wgpu"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--steps-per-epoch",
+            "100000",
+            "-o",
+            long.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until training has started (the metrics log is created before step 1).
+    let t0 = std::time::Instant::now();
+    while !long.join("metrics.jsonl").exists() && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "exit status after Ctrl-C");
+    let ck = Checkpoint::read(&long.join("interrupted.safetensors")).unwrap();
+    assert!(ck.metadata.contains_key("masnet.train_state"));
+}
