@@ -332,11 +332,11 @@ fn fuse(gpu: &GpuArgs, args: &FuseArgs) -> Result<()> {
         FuseForm::Folded => ModelForm::Folded,
         FuseForm::FoldedMerged => ModelForm::FoldedMerged,
     };
-    if model.config.form != ModelForm::Training {
+    if model.form() != ModelForm::Training {
         anyhow::bail!(
             "{}: already in {:?} form; fuse needs a training checkpoint",
             args.model.display(),
-            model.config.form
+            model.form()
         );
     }
     let (fused, fstore) = model.convert(&ctx, &store, form)?;

@@ -6,7 +6,7 @@ use crate::autograd::{Graph, Mode, ParamStore};
 use crate::data::sampler::{extract_patch, window_has_brain, windows, ProbAccumulator};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::nn::{Dunet, ModelForm};
+use crate::nn::{Model, ModelForm};
 use crate::tensor::{Shape5, Tensor};
 
 /// Window geometry and batching.
@@ -34,10 +34,10 @@ impl Default for SegmentOptions {
 /// A model ready for inference: fused and folded unless it already is.
 pub fn inference_form(
     ctx: &GpuContext,
-    model: Dunet,
+    model: Model,
     store: ParamStore,
-) -> Result<(Dunet, ParamStore)> {
-    if model.config.form == ModelForm::Training {
+) -> Result<(Model, ParamStore)> {
+    if model.form() == ModelForm::Training {
         model.convert(ctx, &store, ModelForm::Folded)
     } else {
         Ok((model, store))
@@ -50,7 +50,7 @@ pub fn inference_form(
 #[allow(clippy::too_many_arguments)]
 pub fn segment_volume(
     ctx: &GpuContext,
-    model: &Dunet,
+    model: &Model,
     store: &ParamStore,
     t1: &[f32],
     t2: &[f32],
@@ -59,7 +59,7 @@ pub fn segment_volume(
     opts: SegmentOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(Vec<u8>, Vec<Vec<f32>>)> {
-    let m = 1usize << model.config.levels;
+    let m = model.input_multiple();
     if opts.patch == 0 || !opts.patch.is_multiple_of(m) || opts.step == 0 || opts.batch == 0 {
         return Err(Error::InvalidArgument(format!(
             "segment: patch {} must be a positive multiple of {m} for this model; step {} and \
@@ -72,10 +72,9 @@ pub fn segment_volume(
         .into_iter()
         .filter(|&s| window_has_brain(mask, dims, s, p))
         .collect();
-    let classes = model.config.classes;
+    let (c, classes) = model.channels();
     let mut acc = ProbAccumulator::new(dims, classes)?;
     let pv = opts.patch.pow(3);
-    let c = model.config.in_channels;
     for (done, chunk) in todo.chunks(opts.batch).enumerate() {
         let mut x = Vec::with_capacity(chunk.len() * c * pv);
         for &s in chunk {

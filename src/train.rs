@@ -8,7 +8,7 @@ use crate::checkpoint::{CheckpointTensor, OPTIMIZER_PREFIX};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::nn::io::{load_model, model_checkpoint};
-use crate::nn::Dunet;
+use crate::nn::{Model, ModelConfig};
 use crate::ops::adam::AdamConfig;
 use crate::optim::{check_step, non_finite_counts, Adam};
 use crate::schedule::LrSchedule;
@@ -188,7 +188,7 @@ pub enum TrainOutcome {
 pub struct Trainer<'c> {
     ctx: &'c GpuContext,
     /// The network.
-    pub model: Dunet,
+    pub model: Model,
     /// Its parameters.
     pub store: ParamStore,
     adam: Adam,
@@ -201,14 +201,14 @@ impl<'c> Trainer<'c> {
     /// A fresh run: the model is initialised from `options.seed`.
     pub fn new(
         ctx: &'c GpuContext,
-        config: crate::nn::DunetConfig,
+        config: ModelConfig,
         options: TrainOptions,
         sampler_state: u64,
         out_dir: &Path,
     ) -> Result<Self> {
         options.validate()?;
         let mut store = ParamStore::new();
-        let model = Dunet::new(ctx, &mut store, config, options.seed)?;
+        let model = config.build(ctx, &mut store, options.seed)?;
         let adam = Adam::new(options.adam(1e-3))?;
         Ok(Self {
             ctx,
@@ -297,7 +297,7 @@ impl<'c> Trainer<'c> {
     ) -> Result<TrainOutcome> {
         let opts = self.state.options.clone();
         let patch = [opts.patch; 3];
-        let c = self.model.config.in_channels;
+        let c = self.model.channels().0;
         source.set_state(self.state.sampler_state);
         while self.state.epoch < opts.epochs {
             let epoch = self.state.epoch;
@@ -336,7 +336,12 @@ impl<'c> Trainer<'c> {
             self.state.step_in_epoch = 0;
             self.state.epoch_loss_sum = 0.0;
             let last = self.state.epoch == opts.epochs;
-            if last || self.state.epoch.is_multiple_of(opts.checkpoint_every.max(1)) {
+            if last
+                || self
+                    .state
+                    .epoch
+                    .is_multiple_of(opts.checkpoint_every.max(1))
+            {
                 let p = self.save(&format!("epoch-{:04}.safetensors", self.state.epoch))?;
                 on_event(TrainEvent::Checkpoint(p.clone()));
                 let latest = self.out_dir.join("latest.safetensors");

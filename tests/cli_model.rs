@@ -67,7 +67,14 @@ fn fuse_converts_a_training_checkpoint_and_refuses_bad_input() {
     let mut store = ParamStore::new();
     let model = Dunet::new(&ctx, &mut store, small, 3).unwrap();
     let src = temp("train.safetensors");
-    save_model(&ctx, &src, &model, &store, Default::default()).unwrap();
+    save_model(
+        &ctx,
+        &src,
+        &masnet_wgpu::nn::Model::Dunet(model),
+        &store,
+        Default::default(),
+    )
+    .unwrap();
     let dst = temp("fused.safetensors");
     let out = bin()
         .args([
@@ -85,7 +92,7 @@ fn fuse_converts_a_training_checkpoint_and_refuses_bad_input() {
         String::from_utf8_lossy(&out.stderr)
     );
     let (fused, fstore, _) = load_model(&ctx, &dst).unwrap();
-    assert_eq!(fused.config.form, ModelForm::Folded);
+    assert_eq!(fused.form(), ModelForm::Folded);
     assert_eq!(
         fstore.total_count(),
         fstore.trainable_count(),

@@ -83,7 +83,13 @@ pub fn run(ctx: &GpuContext, a: &DemoArgs) -> Result<()> {
         checkpoint_every: 1,
         ..TrainOptions::default()
     };
-    let mut trainer = Trainer::new(ctx, demo_config(), options, sampler.state(), &a.output)?;
+    let mut trainer = Trainer::new(
+        ctx,
+        masnet_wgpu::nn::ModelConfig::Dunet(demo_config()),
+        options,
+        sampler.state(),
+        &a.output,
+    )?;
     println!(
         "demo: training a DU-Net+MixACB ({} parameters) on the x < 48 half of the embedded brain, {} steps of {} patches of {}^3, on {}",
         trainer.store.trainable_count(),

@@ -75,7 +75,7 @@ pub fn run(ctx: &GpuContext, a: &SegmentArgs) -> Result<()> {
     for path in &a.models {
         let (model, store, _) = load_model(ctx, path)?;
         let (model, store) = inference_form(ctx, model, store)?;
-        classes = model.config.classes;
+        classes = model.channels().1;
         let pb = progress_bar(
             0,
             "{bar:30} {pos}/{len} windows {msg} [{elapsed_precise} < {eta_precise}]",

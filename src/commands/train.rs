@@ -229,7 +229,7 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
             let t = Trainer::resume(ctx, ckpt, &args.output)?;
             let mut plan = args.plan()?;
             plan.train = t.state.options.clone();
-            plan.model = t.model.config.clone();
+            plan.model.classes = t.model.channels().1;
             let s = plan.sampler()?;
             (t, s)
         }
@@ -238,7 +238,7 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
             let s = plan.sampler()?;
             let t = Trainer::new(
                 ctx,
-                plan.model.clone(),
+                masnet_wgpu::nn::ModelConfig::Dunet(plan.model.clone()),
                 plan.train.clone(),
                 s.state(),
                 &args.output,
@@ -248,8 +248,8 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
     };
     let o = trainer.state.options.clone();
     eprintln!(
-        "training DU-Net ({:?} block, {} parameters) on {} for {} epochs x {} steps, batch {}, patch {}^3, lr {}",
-        trainer.model.config.block,
+        "training {} ({} parameters) on {} for {} epochs x {} steps, batch {}, patch {}^3, lr {}",
+        trainer.model.config().name(),
         trainer.store.trainable_count(),
         ctx.adapter_name(),
         o.epochs,

@@ -5,24 +5,17 @@ use crate::autograd::ParamStore;
 use crate::checkpoint::{Checkpoint, KEY_CONFIG};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::nn::dunet::{Dunet, DunetConfig, ModelForm};
-use serde::{Deserialize, Serialize};
+use crate::nn::blocks::ModelForm;
+use crate::nn::model::Model;
+pub use crate::nn::model::ModelConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// The model description stored in a checkpoint.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "model", rename_all = "lowercase")]
-pub enum ModelConfig {
-    /// DU-Net.
-    Dunet(DunetConfig),
-}
 
 /// Writes `store` with `model`'s configuration and `extra` metadata, atomically.
 pub fn save_model(
     ctx: &GpuContext,
     path: &Path,
-    model: &Dunet,
+    model: &Model,
     store: &ParamStore,
     extra: BTreeMap<String, String>,
 ) -> Result<()> {
@@ -32,12 +25,12 @@ pub fn save_model(
 /// The checkpoint [`save_model`] writes, to add tensors to before writing.
 pub fn model_checkpoint(
     ctx: &GpuContext,
-    model: &Dunet,
+    model: &Model,
     store: &ParamStore,
     extra: BTreeMap<String, String>,
 ) -> Result<Checkpoint> {
     let mut meta = extra;
-    let config = serde_json::to_string(&ModelConfig::Dunet(model.config.clone()))
+    let config = serde_json::to_string(&model.config())
         .map_err(|e| Error::InvalidArgument(format!("model configuration: {e}")))?;
     meta.insert(KEY_CONFIG.to_string(), config);
     Checkpoint::from_store(ctx, store, meta)
@@ -61,9 +54,9 @@ pub fn model_config(ckpt: &Checkpoint, path: &Path) -> Result<ModelConfig> {
 
 /// Builds the model a checkpoint describes and loads its parameters (every name and
 /// shape checked first); returns the checkpoint too (metadata, optimiser state).
-pub fn load_model(ctx: &GpuContext, path: &Path) -> Result<(Dunet, ParamStore, Checkpoint)> {
+pub fn load_model(ctx: &GpuContext, path: &Path) -> Result<(Model, ParamStore, Checkpoint)> {
     let ckpt = Checkpoint::read(path)?;
-    let ModelConfig::Dunet(config) = model_config(&ckpt, path)?;
+    let config = model_config(&ckpt, path)?;
     let (model, store) = build(ctx, &config)?;
     ckpt.load_into_filtered(ctx, &store, &[crate::checkpoint::OPTIMIZER_PREFIX])
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
@@ -71,15 +64,11 @@ pub fn load_model(ctx: &GpuContext, path: &Path) -> Result<(Dunet, ParamStore, C
 }
 
 /// A model of `config` (any form) with placeholder values, ready to be loaded into.
-pub fn build(ctx: &GpuContext, config: &DunetConfig) -> Result<(Dunet, ParamStore)> {
-    let training = DunetConfig {
-        form: ModelForm::Training,
-        ..config.clone()
-    };
+pub fn build(ctx: &GpuContext, config: &ModelConfig) -> Result<(Model, ParamStore)> {
     let mut store = ParamStore::new();
-    let model = Dunet::new(ctx, &mut store, training, 0)?;
-    if config.form == ModelForm::Training {
+    let model = config.training().build(ctx, &mut store, 0)?;
+    if config.form() == ModelForm::Training {
         return Ok((model, store));
     }
-    model.convert(ctx, &store, config.form)
+    model.convert(ctx, &store, config.form())
 }

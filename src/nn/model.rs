@@ -1,0 +1,198 @@
+//! The networks the tool trains and runs, behind one interface: build from a
+//! configuration, forward on a tape, convert to an inference form.
+
+use crate::autograd::{Graph, ParamStore, Var};
+use crate::error::Result;
+use crate::gpu::GpuContext;
+use crate::nn::blocks::ModelForm;
+use crate::nn::dunet::{Dunet, DunetConfig};
+use crate::nn::layers::BatchNorm;
+use serde::{Deserialize, Serialize};
+
+/// What every network provides.
+pub trait Network: Sized + Clone {
+    /// Its hyper-parameters (serialised into checkpoints).
+    type Config: Clone + Serialize + for<'de> Deserialize<'de>;
+    /// A freshly initialised training-form network in `store` (seeded).
+    fn new(
+        ctx: &GpuContext,
+        store: &mut ParamStore,
+        config: Self::Config,
+        seed: u64,
+    ) -> Result<Self>;
+    /// Logits `[N, classes, D, H, W]` for an input `[N, in_channels, D, H, W]`.
+    fn forward(
+        &self,
+        g: &mut Graph<'_>,
+        store: &ParamStore,
+        x: Var,
+        dropout_seed: u32,
+    ) -> Result<Var>;
+    /// The network in `form` with its parameters in a new store.
+    fn convert(
+        &self,
+        ctx: &GpuContext,
+        store: &ParamStore,
+        form: ModelForm,
+    ) -> Result<(Self, ParamStore)>;
+    /// Its configuration.
+    fn config(&self) -> &Self::Config;
+    /// The form its parameters are in.
+    fn form(&self) -> ModelForm;
+    /// Spatial sizes must be multiples of this.
+    fn input_multiple(&self) -> usize;
+    /// Input channels and output classes.
+    fn channels(&self) -> (usize, usize);
+    /// Calls `f` on every BatchNorm (e.g. to recalibrate statistics).
+    fn for_each_bn_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm));
+}
+
+/// The configuration stored in a checkpoint: which network and its hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model", rename_all = "lowercase")]
+pub enum ModelConfig {
+    /// DU-Net.
+    Dunet(DunetConfig),
+}
+
+impl ModelConfig {
+    /// The network's name (`dunet`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelConfig::Dunet(_) => "dunet",
+        }
+    }
+
+    /// A freshly initialised network of this configuration.
+    pub fn build(&self, ctx: &GpuContext, store: &mut ParamStore, seed: u64) -> Result<Model> {
+        Ok(match self {
+            ModelConfig::Dunet(c) => Model::Dunet(Dunet::new(ctx, store, c.clone(), seed)?),
+        })
+    }
+
+    /// The same configuration in training form (fused checkpoints are built this way
+    /// and then converted).
+    pub fn training(&self) -> ModelConfig {
+        match self {
+            ModelConfig::Dunet(c) => ModelConfig::Dunet(DunetConfig {
+                form: ModelForm::Training,
+                ..c.clone()
+            }),
+        }
+    }
+
+    /// The form the configuration describes.
+    pub fn form(&self) -> ModelForm {
+        match self {
+            ModelConfig::Dunet(c) => c.form,
+        }
+    }
+}
+
+/// Any network.
+#[derive(Clone, Debug)]
+pub enum Model {
+    /// DU-Net.
+    Dunet(Dunet),
+}
+
+macro_rules! each {
+    ($self:expr, $m:ident => $e:expr) => {
+        match $self {
+            Model::Dunet($m) => $e,
+        }
+    };
+}
+
+impl Model {
+    /// Logits for `x`.
+    pub fn forward(
+        &self,
+        g: &mut Graph<'_>,
+        store: &ParamStore,
+        x: Var,
+        dropout_seed: u32,
+    ) -> Result<Var> {
+        each!(self, m => m.forward(g, store, x, dropout_seed))
+    }
+
+    /// The model in `form`.
+    pub fn convert(
+        &self,
+        ctx: &GpuContext,
+        store: &ParamStore,
+        form: ModelForm,
+    ) -> Result<(Model, ParamStore)> {
+        Ok(match self {
+            Model::Dunet(m) => {
+                let (m, s) = Network::convert(m, ctx, store, form)?;
+                (Model::Dunet(m), s)
+            }
+        })
+    }
+
+    /// Its configuration (what a checkpoint stores).
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            Model::Dunet(m) => ModelConfig::Dunet(m.config.clone()),
+        }
+    }
+
+    /// The form of its parameters.
+    pub fn form(&self) -> ModelForm {
+        each!(self, m => Network::form(m))
+    }
+
+    /// Spatial sizes must be multiples of this.
+    pub fn input_multiple(&self) -> usize {
+        each!(self, m => m.input_multiple())
+    }
+
+    /// Input channels and output classes.
+    pub fn channels(&self) -> (usize, usize) {
+        each!(self, m => m.channels())
+    }
+
+    /// Calls `f` on every BatchNorm.
+    pub fn for_each_bn_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
+        each!(self, m => Network::for_each_bn_mut(m, f))
+    }
+}
+
+impl Network for Dunet {
+    type Config = DunetConfig;
+    fn new(
+        ctx: &GpuContext,
+        store: &mut ParamStore,
+        config: DunetConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        Dunet::new(ctx, store, config, seed)
+    }
+    fn forward(&self, g: &mut Graph<'_>, store: &ParamStore, x: Var, seed: u32) -> Result<Var> {
+        Dunet::forward(self, g, store, x, seed)
+    }
+    fn convert(
+        &self,
+        ctx: &GpuContext,
+        store: &ParamStore,
+        form: ModelForm,
+    ) -> Result<(Self, ParamStore)> {
+        Dunet::convert(self, ctx, store, form)
+    }
+    fn config(&self) -> &DunetConfig {
+        &self.config
+    }
+    fn form(&self) -> ModelForm {
+        self.config.form
+    }
+    fn input_multiple(&self) -> usize {
+        1 << self.config.levels
+    }
+    fn channels(&self) -> (usize, usize) {
+        (self.config.in_channels, self.config.classes)
+    }
+    fn for_each_bn_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
+        Dunet::for_each_bn_mut(self, f)
+    }
+}
