@@ -395,3 +395,50 @@ impl<'c> Trainer<'c> {
         Ok(total)
     }
 }
+
+/// The training recipe of one of the paper's networks (its Table 1): batch, patch,
+/// epochs × steps and learning-rate schedule; the rest stays at the defaults.
+pub fn preset(name: &str) -> Result<TrainOptions> {
+    let step = |values: &[f64], every| LrSchedule::Step {
+        values: values.to_vec(),
+        every_epochs: every,
+    };
+    let base = TrainOptions::default();
+    Ok(match name {
+        // 1000 patches per epoch of batch 16.
+        "dunet" => base,
+        // 80 epochs of 5000 patches, lr 3e-4, 1e-4, 1e-5, 1e-6 every 20 epochs.
+        "unet3d" | "ccfcn" => TrainOptions {
+            batch: 10,
+            patch: 32,
+            epochs: 80,
+            steps_per_epoch: 500,
+            schedule: step(&[3e-4, 1e-4, 1e-5, 1e-6], 20),
+            ..base
+        },
+        // 20,000 iterations, 2e-4 decreased by 0.1 every 5000: 4 epochs of 5000 steps.
+        "buinet" => TrainOptions {
+            batch: 4,
+            patch: 64,
+            epochs: 4,
+            steps_per_epoch: 5000,
+            schedule: step(&[2e-4, 2e-5, 2e-6, 2e-7], 1),
+            checkpoint_every: 1,
+            ..base
+        },
+        // 80 epochs of 5000 patches, constant 1e-3.
+        "nlunet" => TrainOptions {
+            batch: 5,
+            patch: 32,
+            epochs: 80,
+            steps_per_epoch: 1000,
+            schedule: LrSchedule::Constant(1e-3),
+            ..base
+        },
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "preset '{other}': expected dunet, unet3d, ccfcn, buinet or nlunet"
+            )))
+        }
+    })
+}

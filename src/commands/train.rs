@@ -32,6 +32,10 @@ pub struct TrainArgs {
     /// Network; only dunet for now
     #[arg(long, default_value = "dunet")]
     pub model: String,
+    /// Training recipe of the paper's Table 1 (dunet, unet3d, ccfcn, buinet, nlunet);
+    /// applied before the configuration file and the flags [default: the model's]
+    #[arg(long)]
+    pub preset: Option<String>,
     /// Block of dense layers and down transitions: mixacb or conv
     #[arg(long)]
     pub block: Option<String>,
@@ -126,14 +130,28 @@ impl TrainArgs {
                 self.model
             );
         }
+        // The preset (the model's own recipe unless --preset), then the file's [train]
+        // keys on top of it, then the flags.
+        let preset = masnet_wgpu::train::preset(self.preset.as_deref().unwrap_or(&self.model))?;
         let mut f = match &self.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                toml::from_str::<ConfigFile>(&text)
-                    .with_context(|| format!("{}: invalid configuration", p.display()))?
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                let bad = || format!("{}: invalid configuration", p.display());
+                let mut table: toml::Table = toml::from_str(&text).with_context(bad)?;
+                let mut train = toml::Value::try_from(&preset)?;
+                if let (Some(t), Some(toml::Value::Table(file))) =
+                    (train.as_table_mut(), table.remove("train"))
+                {
+                    t.extend(file);
+                }
+                table.insert("train".into(), train);
+                toml::Value::Table(table).try_into::<ConfigFile>().with_context(bad)?
             }
-            None => ConfigFile::default(),
+            None => ConfigFile {
+                train: preset,
+                ..ConfigFile::default()
+            },
         };
         let m = &mut f.model;
         if let Some(b) = &self.block {

@@ -2,12 +2,16 @@
 //! and the parameter summary.
 
 pub mod blocks;
+pub mod buinet;
+pub mod ccfcn;
 pub mod dunet;
 pub mod io;
 pub mod layers;
 pub mod mixacb;
 pub mod model;
+pub mod nlunet;
 pub mod summary;
+pub mod unet3d;
 
 pub use dunet::{BlockKind, Dunet, DunetConfig, ModelForm};
 pub use mixacb::{FusedMixAcb, MixAcb, MixSpec};
