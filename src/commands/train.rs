@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use masnet_wgpu::data::sampler::PatchSampler;
 use masnet_wgpu::data::volume::LabelMap;
-use masnet_wgpu::nn::{DunetConfig, MixSpec};
+use masnet_wgpu::nn::{MixSpec, ModelConfig};
 use masnet_wgpu::schedule::LrSchedule;
 use masnet_wgpu::train::{TrainEvent, TrainOptions, TrainOutcome, Trainer};
 use masnet_wgpu::GpuContext;
@@ -29,7 +29,7 @@ pub struct TrainArgs {
     /// Label values in the files for classes 0..3, e.g. 0,10,150,250 for iSeg
     #[arg(long)]
     pub label_map: Option<String>,
-    /// Network; only dunet for now
+    /// Network: dunet (the paper's 3D-MASNet backbone)
     #[arg(long, default_value = "dunet")]
     pub model: String,
     /// Training recipe of the paper's Table 1 (dunet, unet3d, ccfcn, buinet, nlunet);
@@ -107,7 +107,7 @@ struct DataSection {
 #[derive(Deserialize, Default, Debug)]
 #[serde(default, deny_unknown_fields)]
 struct ConfigFile {
-    model: DunetConfig,
+    model: Option<toml::Table>,
     train: TrainOptions,
     data: DataSection,
 }
@@ -115,7 +115,7 @@ struct ConfigFile {
 /// Everything a run needs, after merging the file and the flags.
 pub struct Plan {
     /// Network configuration.
-    pub model: DunetConfig,
+    pub model: ModelConfig,
     /// Optimisation.
     pub train: TrainOptions,
     data: DataSection,
@@ -124,12 +124,6 @@ pub struct Plan {
 impl TrainArgs {
     /// Merges the configuration file (if any) with the flags.
     pub fn plan(&self) -> Result<Plan> {
-        if self.model != "dunet" {
-            anyhow::bail!(
-                "model '{}': only dunet is available (the other networks are issue 8)",
-                self.model
-            );
-        }
         // The preset (the model's own recipe unless --preset), then the file's [train]
         // keys on top of it, then the flags.
         let preset = masnet_wgpu::train::preset(self.preset.as_deref().unwrap_or(&self.model))?;
@@ -153,18 +147,32 @@ impl TrainArgs {
                 ..ConfigFile::default()
             },
         };
-        let m = &mut f.model;
+        let fields = serde_json::to_value(f.model.take().unwrap_or_default())?;
+        let mut model = ModelConfig::from_fields(&self.model, fields)?;
         if let Some(b) = &self.block {
-            m.block = b.parse()?;
+            model.set_block(b.parse()?);
         }
         if let Some(x) = &self.mix {
-            m.mix = MixSpec::parse(x)?;
+            model.set_mix(MixSpec::parse(x)?);
         }
-        set(&mut m.growth, self.growth);
-        set(&mut m.init_features, self.init_features);
-        set(&mut m.layers_per_block, self.layers);
-        set(&mut m.bottleneck, self.bottleneck);
-        set(&mut m.levels, self.levels);
+        let dunet_flags = [self.growth, self.init_features, self.layers, self.bottleneck, self.levels];
+        match &mut model {
+            ModelConfig::Dunet(m) => {
+                set(&mut m.growth, self.growth);
+                set(&mut m.init_features, self.init_features);
+                set(&mut m.layers_per_block, self.layers);
+                set(&mut m.bottleneck, self.bottleneck);
+                set(&mut m.levels, self.levels);
+            }
+            #[allow(unreachable_patterns)]
+            _ if dunet_flags.iter().any(Option::is_some) => anyhow::bail!(
+                "--growth, --init-features, --layers, --bottleneck and --levels apply to dunet; \
+                 set {}'s widths in the [model] section of --config",
+                self.model
+            ),
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
         let t = &mut f.train;
         set(&mut t.patch, self.patch);
         set(&mut t.batch, self.batch);
@@ -189,15 +197,12 @@ impl TrainArgs {
         if self.foreground_bias.is_some() {
             d.foreground_bias = self.foreground_bias;
         }
-        let m = 1usize << f.model.levels;
-        if f.train.patch % m != 0 {
-            anyhow::bail!(
-                "patch {} must be a multiple of {m} (2^levels)",
-                f.train.patch
-            );
+        let m = model.input_multiple();
+        if !f.train.patch.is_multiple_of(m) {
+            anyhow::bail!("patch {} must be a multiple of {m} for {}", f.train.patch, self.model);
         }
         Ok(Plan {
-            model: f.model,
+            model,
             train: f.train,
             data: f.data,
         })
@@ -217,7 +222,7 @@ impl Plan {
             Some(dir) => {
                 let map = match &self.data.label_map {
                     Some(s) => LabelMap::parse(s)?,
-                    None => LabelMap::identity(self.model.classes)?,
+                    None => LabelMap::identity(self.model.classes())?,
                 };
                 (folder_training(dir, &map)?, None)
             }
@@ -247,7 +252,7 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
             let t = Trainer::resume(ctx, ckpt, &args.output)?;
             let mut plan = args.plan()?;
             plan.train = t.state.options.clone();
-            plan.model.classes = t.model.channels().1;
+            plan.model = t.model.config();
             let s = plan.sampler()?;
             (t, s)
         }
@@ -256,7 +261,7 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
             let s = plan.sampler()?;
             let t = Trainer::new(
                 ctx,
-                masnet_wgpu::nn::ModelConfig::Dunet(plan.model.clone()),
+                plan.model.clone(),
                 plan.train.clone(),
                 s.state(),
                 &args.output,

@@ -2,9 +2,10 @@
 //! configuration, forward on a tape, convert to an inference form.
 
 use crate::autograd::{Graph, ParamStore, Var};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::nn::blocks::ModelForm;
+use crate::nn::blocks::{BlockKind, ModelForm};
+use crate::nn::mixacb::MixSpec;
 use crate::nn::dunet::{Dunet, DunetConfig};
 use crate::nn::layers::BatchNorm;
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,51 @@ impl ModelConfig {
     pub fn name(&self) -> &'static str {
         match self {
             ModelConfig::Dunet(_) => "dunet",
+        }
+    }
+
+    /// The configuration of network `name` from a JSON object of its fields (missing
+    /// fields take the defaults, unknown ones are an error).
+    pub fn from_fields(name: &str, fields: serde_json::Value) -> Result<ModelConfig> {
+        let mut obj = match fields {
+            serde_json::Value::Object(m) => m,
+            serde_json::Value::Null => serde_json::Map::new(),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "model settings must be a table, not {other}"
+                )))
+            }
+        };
+        obj.insert("model".into(), serde_json::Value::String(name.to_string()));
+        serde_json::from_value(serde_json::Value::Object(obj))
+            .map_err(|e| Error::InvalidArgument(format!("model '{name}': {e}")))
+    }
+
+    /// Sets the block kind of the convolutions MixACB replaces.
+    pub fn set_block(&mut self, kind: BlockKind) {
+        match self {
+            ModelConfig::Dunet(c) => c.block = kind,
+        }
+    }
+
+    /// Sets the MixACB groups and ratio.
+    pub fn set_mix(&mut self, mix: MixSpec) {
+        match self {
+            ModelConfig::Dunet(c) => c.mix = mix,
+        }
+    }
+
+    /// Spatial sizes must be multiples of this.
+    pub fn input_multiple(&self) -> usize {
+        match self {
+            ModelConfig::Dunet(c) => 1 << c.levels,
+        }
+    }
+
+    /// Output classes.
+    pub fn classes(&self) -> usize {
+        match self {
+            ModelConfig::Dunet(c) => c.classes,
         }
     }
 
