@@ -77,30 +77,24 @@ enum Command {
 
 #[derive(Args)]
 struct SummaryArgs {
-    /// Network
-    #[arg(long, value_enum, default_value = "dunet")]
-    model: ModelName,
-    /// Block of the dense layers and down transitions: mixacb or conv (baseline)
+    /// Network: dunet, unet3d, ccfcn, buinet or nlunet
+    #[arg(long, default_value = "dunet")]
+    model: String,
+    /// Block of the convolutions MixACB replaces: mixacb or conv (baseline)
     #[arg(long, default_value = "mixacb")]
     block: String,
     /// MixACB mix ratio of the kernel-3, kernel-5, ... groups
     #[arg(long, default_value = "3:1")]
     mix: String,
-    /// Channels each dense layer adds
-    #[arg(long, default_value_t = 16)]
-    growth: usize,
-    /// Channels of the initial convolution
-    #[arg(long, default_value_t = 32)]
-    init_features: usize,
-    /// Dense layers per dense block
-    #[arg(long, default_value_t = 3)]
-    layers: usize,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ModelName {
-    /// DU-Net (densely connected U-Net), the paper's main network
-    Dunet,
+    /// DU-Net: channels each dense layer adds [16]
+    #[arg(long)]
+    growth: Option<usize>,
+    /// DU-Net: channels of the initial convolution [32]
+    #[arg(long)]
+    init_features: Option<usize>,
+    /// DU-Net: dense layers per dense block [3]
+    #[arg(long)]
+    layers: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -274,23 +268,26 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
 fn summary(gpu: &GpuArgs, args: &SummaryArgs) -> Result<()> {
     use masnet_wgpu::autograd::ParamStore;
     use masnet_wgpu::nn::summary::{summary_rows, thousands};
-    use masnet_wgpu::nn::{Dunet, DunetConfig, MixSpec, ModelForm};
-    let ModelName::Dunet = args.model;
+    use masnet_wgpu::nn::{BlockKind, MixSpec, ModelConfig, ModelForm};
+    let mut config = ModelConfig::from_fields(&args.model, serde_json::Value::Null)?;
+    let block: BlockKind = args.block.parse()?;
+    config.set_block(block);
+    config.set_mix(MixSpec::parse(&args.mix)?);
+    match &mut config {
+        ModelConfig::Dunet(c) => {
+            c.growth = args.growth.unwrap_or(c.growth);
+            c.init_features = args.init_features.unwrap_or(c.init_features);
+            c.layers_per_block = args.layers.unwrap_or(c.layers_per_block);
+        }
+        _ if args.growth.or(args.init_features).or(args.layers).is_some() => {
+            anyhow::bail!("--growth, --init-features and --layers apply to dunet only")
+        }
+        _ => {}
+    }
     let ctx = gpu.open()?;
-    let config = DunetConfig {
-        block: args.block.parse()?,
-        mix: MixSpec::parse(&args.mix)?,
-        growth: args.growth,
-        init_features: args.init_features,
-        layers_per_block: args.layers,
-        ..DunetConfig::default()
-    };
     let mut store = ParamStore::new();
-    let model = Dunet::new(&ctx, &mut store, config.clone(), 0)?;
-    println!(
-        "DU-Net, block {}, mix {}, growth {}, init features {}, {} layers per block",
-        args.block, args.mix, args.growth, args.init_features, args.layers
-    );
+    let model = config.build(&ctx, &mut store, 0)?;
+    println!("{}, block {}, mix {}", args.model, args.block, args.mix);
     println!("{:<28} {:>12} {:>12}", "module", "trainable", "BN buffers");
     for r in summary_rows(&store) {
         println!(
@@ -302,7 +299,7 @@ fn summary(gpu: &GpuArgs, args: &SummaryArgs) -> Result<()> {
     }
     let line = |what: &str, s: &ParamStore| {
         println!(
-            "{:<44} trainable {:>11}   total {:>11}",
+            "{:<46} trainable {:>11}   total {:>11}",
             what,
             thousands(s.trainable_count()),
             thousands(s.total_count())
@@ -310,7 +307,7 @@ fn summary(gpu: &GpuArgs, args: &SummaryArgs) -> Result<()> {
     };
     println!();
     line("training graph", &store);
-    if config.block == masnet_wgpu::nn::BlockKind::Mixacb {
+    if block == BlockKind::Mixacb {
         let (_, fused) = model.convert(&ctx, &store, ModelForm::Fused)?;
         line("MixACB fused (other BNs kept, as the paper)", &fused);
         let (_, merged) = model.convert(&ctx, &store, ModelForm::FusedMerged)?;

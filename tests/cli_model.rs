@@ -127,3 +127,71 @@ fn fuse_converts_a_training_checkpoint_and_refuses_bad_input() {
         assert!(!again.exists(), "partial output after {input:?}");
     }
 }
+
+#[test]
+fn summary_covers_the_other_networks() {
+    for (model, trainable, total) in [
+        ("unet3d", "3,117,568", "3,123,008"),
+        ("ccfcn", "2,038,948", "2,043,492"),
+        ("nlunet", "2,447,684", "2,453,828"),
+        ("buinet", "1,814,400", "1,822,104"),
+    ] {
+        let out = bin().args(["summary", "--model", model]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(trainable) && text.contains(total),
+            "{model}:\n{text}"
+        );
+        assert!(text.contains("every BN folded"), "{model}:\n{text}");
+    }
+    let out = bin()
+        .args(["summary", "--model", "unet3d", "--growth", "8"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn other_networks_train_save_and_segment_through_the_cli() {
+    let d = temp("nets");
+    std::fs::create_dir_all(&d).unwrap();
+    let t1 = masnet_wgpu::data::volume::embedded_dir().join("T1w.nii.gz");
+    let t2 = masnet_wgpu::data::volume::embedded_dir().join("T2w.nii.gz");
+    let mask = masnet_wgpu::data::volume::embedded_dir().join("brain_mask.nii.gz");
+    // NLU-Net's global attention is quadratic in the bottom level's positions, so it
+    // segments with small windows (as the paper, 32^3 with 3 levels).
+    for (model, table, window) in [
+        ("unet3d", "widths = [4, 8]", "48"),
+        ("buinet", "init_features = 4\ngrowth = 4\nlayers_per_block = 1\nblocks = 2", "48"),
+        ("nlunet", "features = 4\nlevels = 2\nbottom_heads = 1", "16"),
+        ("ccfcn", "encoder_layers = [1, 1]\nencoder_widths = [4, 4]\ndecoder_layers = [1, 1]\ndecoder_width = 4\nskip_width = 4", "48"),
+    ] {
+        let cfg = d.join(format!("{model}.toml"));
+        std::fs::write(&cfg, format!("[model]\n{table}\n[train]\npatch = 8\nbatch = 2\nepochs = 1\nsteps_per_epoch = 2\n")).unwrap();
+        let out_dir = d.join(model);
+        let o = bin()
+            .args(["train", "--model", model, "--config", cfg.to_str().unwrap(), "-o", out_dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{model} train: {}", String::from_utf8_lossy(&o.stderr));
+        let ckpt = out_dir.join("latest.safetensors");
+        let (m, _, _) = load_model(&common::gpu(), &ckpt).unwrap();
+        assert_eq!(m.config().name(), model);
+        let seg = d.join(format!("{model}-seg.nii.gz"));
+        let o = bin()
+            .args([
+                "segment", "--model", ckpt.to_str().unwrap(), "--t1", t1.to_str().unwrap(), "--t2",
+                t2.to_str().unwrap(), "--mask", mask.to_str().unwrap(), "--patch", window, "--step", window, "-o",
+                seg.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{model} segment: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(seg.exists());
+    }
+}

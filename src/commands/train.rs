@@ -29,7 +29,8 @@ pub struct TrainArgs {
     /// Label values in the files for classes 0..3, e.g. 0,10,150,250 for iSeg
     #[arg(long)]
     pub label_map: Option<String>,
-    /// Network: dunet (the paper's 3D-MASNet backbone)
+    /// Network: dunet (the paper's 3D-MASNet backbone), unet3d, ccfcn, buinet or nlunet;
+    /// its widths go in the [model] section of --config
     #[arg(long, default_value = "dunet")]
     pub model: String,
     /// Training recipe of the paper's Table 1 (dunet, unet3d, ccfcn, buinet, nlunet);

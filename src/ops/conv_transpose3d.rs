@@ -329,3 +329,12 @@ pub fn conv_transpose3d_backward_weight_f64(
 ) -> Array5<f64> {
     conv3d_backward_weight_f64(grad_out, 0, input, kernel, &spec.conv_spec())
 }
+
+/// The gather-form kernel used by BuiNet's grouped up-sampling (launched from
+/// `nn::buinet` for now; it belongs here once the stride-2 path is phase-decomposed).
+pub fn shader_variants() -> Vec<(String, String)> {
+    vec![(
+        "conv_transpose3d_gather".to_string(),
+        include_str!("../../shaders/conv_transpose3d_gather.wgsl").to_string(),
+    )]
+}

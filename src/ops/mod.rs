@@ -28,5 +28,6 @@ pub fn shader_variants() -> Vec<(String, String)> {
     v.extend(loss::shader_variants());
     v.extend(matmul::shader_variants());
     v.extend(adam::shader_variants());
+    v.extend(conv_transpose3d::shader_variants());
     v
 }
