@@ -26,10 +26,6 @@ const FORMS: [ModelForm; 4] = [
     ModelForm::FoldedMerged,
 ];
 
-fn counts(store: &ParamStore) -> (usize, usize) {
-    (store.trainable_count(), store.total_count())
-}
-
 /// A small BuiNet with the same structure (3 dense blocks of 2 layers, input multiple
 /// 8) for the tests that run many passes on lavapipe.
 fn small(block: BlockKind) -> BuinetConfig {
@@ -81,13 +77,13 @@ fn parameter_counts() {
             ..BuinetConfig::default()
         };
         let m = Buinet::new(&ctx, &mut s, cfg, 1).unwrap();
-        let got = counts(&s);
+        let got = common::counts(&s);
         eprintln!("{kind:?} training: trainable {} total {}", got.0, got.1);
         assert_eq!(got, training, "{kind:?} training graph");
         for (form, expect) in FORMS.iter().zip(forms) {
             let (fm, fs) = m.convert(&ctx, &s, *form).unwrap();
             assert_eq!(fm.form(), *form);
-            let got = counts(&fs);
+            let got = common::counts(&fs);
             eprintln!("{kind:?} {form:?}: trainable {} total {}", got.0, got.1);
             assert_eq!(got, expect, "{kind:?} {form:?}");
         }
@@ -413,49 +409,6 @@ fn a_few_training_steps_reduce_the_loss() {
     }
 }
 
-/// Random BN affine parameters, perturbed (calibrated) statistics and random biases:
-/// the conversions must use all of them.
-fn randomise(ctx: &GpuContext, s: &ParamStore, seed: u64) {
-    let mut rng = Rng::new(seed);
-    for (id, e) in s.iter() {
-        let n = e.value.shape().numel().unwrap();
-        let old = s.read(ctx, id).unwrap();
-        let v: Vec<f32> = if e.name.ends_with("norm.weight") || e.name.ends_with("bn.weight") {
-            rng.vec_f32(n, 0.7, 1.3)
-        } else if e.name.ends_with("bias") {
-            rng.vec_f32(n, -0.2, 0.2)
-        } else if e.name.ends_with("running_var") {
-            let f = rng.vec_f32(n, 0.7, 1.4);
-            old.iter().zip(f).map(|(a, b)| a * b).collect()
-        } else if e.name.ends_with("running_mean") {
-            let var = s
-                .read(
-                    ctx,
-                    s.id(&e.name.replace("running_mean", "running_var"))
-                        .unwrap(),
-                )
-                .unwrap();
-            let f = rng.vec_f32(n, -0.2, 0.2);
-            old.iter()
-                .zip(f)
-                .zip(var)
-                .map(|((a, b), v)| a + b * v.sqrt())
-                .collect()
-        } else {
-            continue;
-        };
-        s.set(ctx, id, &v).unwrap();
-    }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn every_converted_form_equals_the_eval_graph() {
     let ctx = gpu();
@@ -489,7 +442,7 @@ fn every_converted_form_equals_the_eval_graph() {
         }
         m.for_each_bn_mut(|bn| bn.spec = BatchNormSpec::keras());
         m.config.dropout = 0.2;
-        randomise(&ctx, &s, 6);
+        common::perturb_bn(&ctx, &s, 6, true);
         let probs = |model: &Buinet, store: &ParamStore| -> Vec<f32> {
             let mut g = Graph::no_grad(&ctx, Mode::Eval);
             let xv = g.input(Tensor::from_slice(&ctx, xs, &x, "x").unwrap());
@@ -512,7 +465,7 @@ fn every_converted_form_equals_the_eval_graph() {
         );
         for form in FORMS {
             let (fm, fs) = m.convert(&ctx, &s, form).unwrap();
-            let d = max_diff(&probs(&fm, &fs), &want);
+            let d = common::max_abs_diff(&probs(&fm, &fs), &want);
             eprintln!("{kind:?} {form:?}: max |diff| of the softmax {d}");
             assert!(
                 d <= 1e-4,
@@ -521,7 +474,7 @@ fn every_converted_form_equals_the_eval_graph() {
             // Converting a converted model again changes nothing.
             if form == ModelForm::Fused {
                 let (ffm, ffs) = fm.convert(&ctx, &fs, ModelForm::Folded).unwrap();
-                let d = max_diff(&probs(&ffm, &ffs), &want);
+                let d = common::max_abs_diff(&probs(&ffm, &ffs), &want);
                 assert!(d <= 1e-4, "{kind:?} fused then folded: {d}");
             }
         }

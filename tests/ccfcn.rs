@@ -21,10 +21,6 @@ const FORMS: [ModelForm; 4] = [
     ModelForm::FoldedMerged,
 ];
 
-fn counts(store: &ParamStore) -> (usize, usize) {
-    (store.trainable_count(), store.total_count())
-}
-
 fn config(block: BlockKind) -> CcfcnConfig {
     CcfcnConfig {
         block,
@@ -36,10 +32,10 @@ fn config(block: BlockKind) -> CcfcnConfig {
 fn all_counts(ctx: &GpuContext, block: BlockKind) -> Vec<(usize, usize)> {
     let mut s = ParamStore::new();
     let m = Ccfcn::new(ctx, &mut s, config(block), 1).unwrap();
-    let mut v = vec![counts(&s)];
+    let mut v = vec![common::counts(&s)];
     for form in FORMS {
         let (_, fs) = m.convert(ctx, &s, form).unwrap();
-        v.push(counts(&fs));
+        v.push(common::counts(&fs));
     }
     v
 }
@@ -268,46 +264,6 @@ fn a_few_training_steps_lower_the_loss() {
     );
 }
 
-/// Random BN affine parameters and biases; running statistics perturbed around the
-/// calibrated ones (see `tests/dunet.rs`).
-fn randomise(ctx: &GpuContext, s: &ParamStore, seed: u64) {
-    let mut rng = Rng::new(seed);
-    for (id, e) in s.iter() {
-        let n = e.value.shape().numel().unwrap();
-        let old = s.read(ctx, id).unwrap();
-        let v: Vec<f32> = if e.name.ends_with("bn.weight") {
-            rng.vec_f32(n, 0.7, 1.3)
-        } else if e.name.ends_with("bias") {
-            rng.vec_f32(n, -0.2, 0.2)
-        } else if e.name.ends_with("running_var") {
-            let f = rng.vec_f32(n, 0.7, 1.4);
-            old.iter().zip(f).map(|(a, b)| a * b).collect()
-        } else if e.name.ends_with("running_mean") {
-            let var_id = s
-                .id(&e.name.replace("running_mean", "running_var"))
-                .unwrap();
-            let var = s.read(ctx, var_id).unwrap();
-            let f = rng.vec_f32(n, -0.2, 0.2);
-            old.iter()
-                .zip(f)
-                .zip(var)
-                .map(|((a, b), v)| a + b * v.sqrt())
-                .collect()
-        } else {
-            continue;
-        };
-        s.set(ctx, id, &v).unwrap();
-    }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn fusion_matches(block: BlockKind) {
     let ctx = gpu();
     let mut s = ParamStore::new();
@@ -327,7 +283,7 @@ fn fusion_matches(block: BlockKind) {
         ctx.wait().unwrap();
     }
     m.for_each_bn_mut(&mut |bn| bn.spec = BatchNormSpec::keras());
-    randomise(&ctx, &s, 6);
+    common::perturb_bn(&ctx, &s, 6, true);
     let probs = |model: &Ccfcn, store: &ParamStore| -> Vec<f32> {
         let mut g = Graph::no_grad(&ctx, Mode::Eval);
         let xv = input(&mut g);
@@ -340,7 +296,7 @@ fn fusion_matches(block: BlockKind) {
     for form in FORMS {
         let (fm, fs) = m.convert(&ctx, &s, form).unwrap();
         assert_eq!(fm.config.form, form);
-        let d = max_diff(&probs(&fm, &fs), &want);
+        let d = common::max_abs_diff(&probs(&fm, &fs), &want);
         eprintln!("{block:?} {form:?}: max |diff| of the softmax {d}");
         assert!(
             d <= 1e-4,

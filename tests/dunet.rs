@@ -10,11 +10,7 @@ use masnet_wgpu::nn::layers::Builder;
 use masnet_wgpu::nn::{BlockKind, Dunet, DunetConfig, MixAcb, MixSpec, ModelForm};
 use masnet_wgpu::ops::batchnorm::BatchNormSpec;
 use masnet_wgpu::rng::Rng;
-use masnet_wgpu::{GpuContext, Shape5, Tensor};
-
-fn counts(store: &ParamStore) -> (usize, usize) {
-    (store.trainable_count(), store.total_count())
-}
+use masnet_wgpu::{Shape5, Tensor};
 
 #[test]
 fn parameter_counts_equal_the_papers() {
@@ -30,13 +26,13 @@ fn parameter_counts_equal_the_papers() {
     let mut s = ParamStore::new();
     let m = Dunet::new(&ctx, &mut s, DunetConfig::default(), 1).unwrap();
     assert_eq!(
-        counts(&s),
+        common::counts(&s),
         (3_109_521, 3_117_549),
         "DU-Net+MixACB training graph"
     );
     let (_, fused) = m.convert(&ctx, &s, ModelForm::Fused).unwrap();
     assert_eq!(
-        counts(&fused),
+        common::counts(&fused),
         (2_341_141, 2_344_401),
         "DU-Net+MixACB fused"
     );
@@ -45,61 +41,9 @@ fn parameter_counts_equal_the_papers() {
     // conv already has a bias); the fused model's 3,260 buffer scalars are 2 per channel.
     let bn_scalars = 2 * (2_344_401 - 2_341_141);
     assert_eq!(
-        counts(&folded),
+        common::counts(&folded),
         (2_344_401 - bn_scalars, 2_344_401 - bn_scalars)
     );
-}
-
-/// Random BN affine parameters and statistics, random biases: folding must use them.
-/// `stats` gives the plausible statistics to perturb (name -> values); without it the
-/// running statistics are drawn from fixed ranges.
-fn randomise(ctx: &GpuContext, s: &ParamStore, seed: u64, calibrated: bool) {
-    let mut rng = Rng::new(seed);
-    for (id, e) in s.iter() {
-        let n = e.value.shape().numel().unwrap();
-        let old = s.read(ctx, id).unwrap();
-        let v: Vec<f32> = if e.name.ends_with("bn.weight") {
-            rng.vec_f32(n, 0.7, 1.3)
-        } else if e.name.ends_with("bias") {
-            rng.vec_f32(n, -0.2, 0.2)
-        } else if e.name.ends_with("running_var") {
-            let f = rng.vec_f32(n, 0.7, 1.4);
-            if calibrated {
-                old.iter().zip(f).map(|(a, b)| a * b).collect()
-            } else {
-                f
-            }
-        } else if e.name.ends_with("running_mean") {
-            let var = s
-                .read(
-                    ctx,
-                    s.id(&e.name.replace("running_mean", "running_var"))
-                        .unwrap(),
-                )
-                .unwrap();
-            let f = rng.vec_f32(n, -0.2, 0.2);
-            if calibrated {
-                old.iter()
-                    .zip(f)
-                    .zip(var)
-                    .map(|((a, b), v)| a + b * v.sqrt())
-                    .collect()
-            } else {
-                f
-            }
-        } else {
-            continue;
-        };
-        s.set(ctx, id, &v).unwrap();
-    }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -121,7 +65,7 @@ fn fused_mixacb_equals_the_eval_graph() {
             BatchNormSpec::keras(),
         )
         .unwrap();
-        randomise(&ctx, &store, 9, false);
+        common::perturb_bn(&ctx, &store, 9, false);
         // The block reads channels 2.. of a wider input.
         let xs = Shape5::new(2, cin + 2, size[0], size[1], size[2]);
         let x = Rng::new(3).vec_f32(xs.numel().unwrap(), -1.0, 1.0);
@@ -152,7 +96,7 @@ fn fused_mixacb_equals_the_eval_graph() {
                 )
                 .unwrap();
             let got = run(&fs, &|g, xv| fused.forward(g, &fs, xv, 2).unwrap());
-            let d = max_diff(&got, &want);
+            let d = common::max_abs_diff(&got, &want);
             assert!(
                 d <= 1e-4,
                 "stride {stride} cin {cin} merge {merge}: max |diff| {d}"
@@ -181,7 +125,7 @@ fn fused_dunet_equals_the_eval_graph_on_a_32_cube() {
         ctx.wait().unwrap();
     }
     m.for_each_bn_mut(|bn| bn.spec = BatchNormSpec::keras());
-    randomise(&ctx, &s, 6, true);
+    common::perturb_bn(&ctx, &s, 6, true);
     let probs = |model: &Dunet, store: &ParamStore| -> Vec<f32> {
         let mut g = Graph::no_grad(&ctx, Mode::Eval);
         let xv = g.input(Tensor::from_slice(&ctx, xs, &x, "x").unwrap());
@@ -198,7 +142,7 @@ fn fused_dunet_equals_the_eval_graph_on_a_32_cube() {
         ModelForm::FoldedMerged,
     ] {
         let (fm, fs) = m.convert(&ctx, &s, form).unwrap();
-        let d = max_diff(&probs(&fm, &fs), &want);
+        let d = common::max_abs_diff(&probs(&fm, &fs), &want);
         eprintln!("{form:?}: max |diff| of the softmax {d}");
         assert!(d <= 1e-4, "{form:?}: max |diff| of the softmax {d}");
     }
@@ -218,7 +162,7 @@ fn mixacb_training_gradients_match_directional_finite_differences() {
         BatchNormSpec::keras(),
     )
     .unwrap();
-    randomise(&ctx, &store, 13, false);
+    common::perturb_bn(&ctx, &store, 13, false);
     let xs = Shape5::new(2, 11, 5, 6, 4);
     let x0 = Rng::new(14).vec_f32(xs.numel().unwrap(), -1.0, 1.0);
     let r = Rng::new(15).vec_f32(2 * 6 * 3 * 3 * 2, -1.0, 1.0);

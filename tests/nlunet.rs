@@ -18,10 +18,6 @@ use masnet_wgpu::rng::Rng;
 use masnet_wgpu::{GpuContext, Shape5, Tensor};
 use std::time::Instant;
 
-fn counts(store: &ParamStore) -> (usize, usize) {
-    (store.trainable_count(), store.total_count())
-}
-
 fn config(block: BlockKind) -> NlunetConfig {
     NlunetConfig {
         block,
@@ -81,11 +77,11 @@ fn parameter_counts() {
         let mut s = ParamStore::new();
         let m = Nlunet::new(&ctx, &mut s, config(kind), 1).unwrap();
         let got = match form {
-            None => counts(&s),
+            None => common::counts(&s),
             Some(f) => {
                 let (fm, fs) = m.convert(&ctx, &s, f).unwrap();
                 assert_eq!(fm.form(), f);
-                counts(&fs)
+                common::counts(&fs)
             }
         };
         eprintln!(
@@ -430,46 +426,6 @@ fn training_steps_reduce_the_loss() {
     }
 }
 
-/// Random BN affine parameters, biases, and running statistics perturbed around the
-/// calibrated ones (as in tests/dunet.rs).
-fn randomise(ctx: &GpuContext, s: &ParamStore, seed: u64) {
-    let mut rng = Rng::new(seed);
-    for (id, e) in s.iter() {
-        let n = e.value.shape().numel().unwrap();
-        let old = s.read(ctx, id).unwrap();
-        let v: Vec<f32> = if e.name.ends_with("bn.weight") {
-            rng.vec_f32(n, 0.7, 1.3)
-        } else if e.name.ends_with("bias") {
-            rng.vec_f32(n, -0.2, 0.2)
-        } else if e.name.ends_with("running_var") {
-            let f = rng.vec_f32(n, 0.7, 1.4);
-            old.iter().zip(f).map(|(a, b)| a * b).collect()
-        } else if e.name.ends_with("running_mean") {
-            let var_id = s
-                .id(&e.name.replace("running_mean", "running_var"))
-                .unwrap();
-            let var = s.read(ctx, var_id).unwrap();
-            let f = rng.vec_f32(n, -0.2, 0.2);
-            old.iter()
-                .zip(f)
-                .zip(var)
-                .map(|((a, b), v)| a + b * v.sqrt())
-                .collect()
-        } else {
-            continue;
-        };
-        s.set(ctx, id, &v).unwrap();
-    }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn converted_forms_equal_the_eval_graph() {
     let ctx = gpu();
@@ -491,7 +447,7 @@ fn converted_forms_equal_the_eval_graph() {
             ctx.wait().unwrap();
         }
         m.for_each_bn_mut(&mut |bn| bn.spec = BatchNormSpec::keras());
-        randomise(&ctx, &s, 22);
+        common::perturb_bn(&ctx, &s, 22, true);
         let probs = |model: &Nlunet, store: &ParamStore| -> Vec<f32> {
             let mut g = Graph::no_grad(&ctx, Mode::Eval);
             let xv = input(&mut g);
@@ -503,7 +459,7 @@ fn converted_forms_equal_the_eval_graph() {
         let want = probs(&m, &s);
         for form in FORMS {
             let (fm, fs) = m.convert(&ctx, &s, form).unwrap();
-            let d = max_diff(&probs(&fm, &fs), &want);
+            let d = common::max_abs_diff(&probs(&fm, &fs), &want);
             eprintln!("{kind:?} -> {form:?}: max |diff| of the softmax {d}");
             assert!(
                 d <= 1e-4,
@@ -512,7 +468,7 @@ fn converted_forms_equal_the_eval_graph() {
             // A converted model converts again (e.g. a fused checkpoint folded later).
             if form == ModelForm::Fused {
                 let (gm, gs) = fm.convert(&ctx, &fs, ModelForm::Folded).unwrap();
-                let d = max_diff(&probs(&gm, &gs), &want);
+                let d = common::max_abs_diff(&probs(&gm, &gs), &want);
                 assert!(d <= 1e-4, "{kind:?} -> Fused -> Folded: {d}");
             }
         }

@@ -15,10 +15,6 @@ use masnet_wgpu::rng::Rng;
 use masnet_wgpu::{GpuContext, Shape5, Tensor};
 use std::time::Instant;
 
-fn counts(store: &ParamStore) -> (usize, usize) {
-    (store.trainable_count(), store.total_count())
-}
-
 fn config(block: BlockKind) -> Unet3dConfig {
     Unet3dConfig {
         block,
@@ -64,11 +60,11 @@ fn parameter_counts() {
     for (kind, want) in expected {
         let mut s = ParamStore::new();
         let m = Unet3d::new(&ctx, &mut s, config(kind), 1).unwrap();
-        let mut got = vec![counts(&s)];
+        let mut got = vec![common::counts(&s)];
         for form in FORMS {
             let (fm, fs) = m.convert(&ctx, &s, form).unwrap();
             assert_eq!(fm.form(), form);
-            got.push(counts(&fs));
+            got.push(common::counts(&fs));
         }
         eprintln!("{kind:?} (trainable, total): training, fused, fused-merged, folded, folded-merged = {got:?}");
         assert_eq!(got, want.to_vec(), "{kind:?}");
@@ -258,46 +254,6 @@ fn a_few_adam_steps_reduce_the_loss() {
     }
 }
 
-/// Random BN affine parameters and biases; running statistics perturbed around their
-/// calibrated values (variance × [0.7, 1.4], mean + [-0.2, 0.2]·σ).
-fn randomise(ctx: &GpuContext, s: &ParamStore, seed: u64) {
-    let mut rng = Rng::new(seed);
-    for (id, e) in s.iter() {
-        let n = e.value.shape().numel().unwrap();
-        let old = s.read(ctx, id).unwrap();
-        let v: Vec<f32> = if e.name.ends_with("bn.weight") {
-            rng.vec_f32(n, 0.7, 1.3)
-        } else if e.name.ends_with("bias") {
-            rng.vec_f32(n, -0.2, 0.2)
-        } else if e.name.ends_with("running_var") {
-            let f = rng.vec_f32(n, 0.7, 1.4);
-            old.iter().zip(f).map(|(a, b)| a * b).collect()
-        } else if e.name.ends_with("running_mean") {
-            let var_id = s
-                .id(&e.name.replace("running_mean", "running_var"))
-                .unwrap();
-            let var = s.read(ctx, var_id).unwrap();
-            let f = rng.vec_f32(n, -0.2, 0.2);
-            old.iter()
-                .zip(f)
-                .zip(var)
-                .map(|((a, b), v)| a + b * v.sqrt())
-                .collect()
-        } else {
-            continue;
-        };
-        s.set(ctx, id, &v).unwrap();
-    }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn every_converted_form_equals_the_eval_graph() {
     let ctx = gpu();
@@ -319,7 +275,7 @@ fn every_converted_form_equals_the_eval_graph() {
             ctx.wait().unwrap();
         }
         m.for_each_bn_mut(|bn| bn.spec = BatchNormSpec::keras());
-        randomise(&ctx, &s, 6);
+        common::perturb_bn(&ctx, &s, 6, true);
         let probs = |model: &Unet3d, store: &ParamStore| -> Vec<f32> {
             let mut g = Graph::no_grad(&ctx, Mode::Eval);
             let xv: Var = g.input(Tensor::from_slice(&ctx, xs, &x, "x").unwrap());
@@ -335,7 +291,7 @@ fn every_converted_form_equals_the_eval_graph() {
         assert!(spread > 0.1, "{kind:?}: softmax spread {spread}");
         for form in FORMS {
             let (fm, fs) = m.convert(&ctx, &s, form).unwrap();
-            let d = max_diff(&probs(&fm, &fs), &want);
+            let d = common::max_abs_diff(&probs(&fm, &fs), &want);
             eprintln!("{kind:?} {form:?}: max |diff| of the softmax {d:.2e}");
             assert!(
                 d <= 1e-4,
@@ -344,7 +300,7 @@ fn every_converted_form_equals_the_eval_graph() {
             // A converted form converts again (e.g. fused -> folded) to the same output.
             if form == ModelForm::Fused {
                 let (fm2, fs2) = fm.convert(&ctx, &fs, ModelForm::Folded).unwrap();
-                let d2 = max_diff(&probs(&fm2, &fs2), &want);
+                let d2 = common::max_abs_diff(&probs(&fm2, &fs2), &want);
                 assert!(d2 <= 1e-4, "{kind:?} fused -> folded: {d2}");
             }
         }

@@ -52,3 +52,63 @@ pub fn variants(ctx: &GpuContext) -> Vec<Conv3dVariant> {
     }
     v
 }
+
+/// (trainable, total) scalars of a store.
+pub fn counts(store: &masnet_wgpu::autograd::ParamStore) -> (usize, usize) {
+    (store.trainable_count(), store.total_count())
+}
+
+/// Largest absolute difference of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Random BN affine parameters (γ in [0.7, 1.3)), random biases, and running
+/// statistics: perturbed around the current (calibrated) ones when `calibrated`, drawn
+/// from fixed ranges otherwise. Fusion must use all of them.
+pub fn perturb_bn(
+    ctx: &GpuContext,
+    s: &masnet_wgpu::autograd::ParamStore,
+    seed: u64,
+    calibrated: bool,
+) {
+    let mut rng = Rng::new(seed);
+    for (id, e) in s.iter() {
+        let n = e.value.shape().numel().unwrap();
+        let old = s.read(ctx, id).unwrap();
+        let v: Vec<f32> = if e.name.ends_with("bn.weight") {
+            rng.vec_f32(n, 0.7, 1.3)
+        } else if e.name.ends_with("bias") {
+            rng.vec_f32(n, -0.2, 0.2)
+        } else if e.name.ends_with("running_var") {
+            let f = rng.vec_f32(n, 0.7, 1.4);
+            if calibrated {
+                old.iter().zip(f).map(|(a, b)| a * b).collect()
+            } else {
+                f
+            }
+        } else if e.name.ends_with("running_mean") {
+            let var_id = s
+                .id(&e.name.replace("running_mean", "running_var"))
+                .unwrap();
+            let var = s.read(ctx, var_id).unwrap();
+            let f = rng.vec_f32(n, -0.2, 0.2);
+            if calibrated {
+                old.iter()
+                    .zip(f)
+                    .zip(var)
+                    .map(|((a, b), v)| a + b * v.sqrt())
+                    .collect()
+            } else {
+                f
+            }
+        } else {
+            continue;
+        };
+        s.set(ctx, id, &v).unwrap();
+    }
+}
