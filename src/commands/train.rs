@@ -130,8 +130,8 @@ impl TrainArgs {
         let preset = masnet_wgpu::train::preset(self.preset.as_deref().unwrap_or(&self.model))?;
         let mut f = match &self.config {
             Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
                 let bad = || format!("{}: invalid configuration", p.display());
                 let mut table: toml::Table = toml::from_str(&text).with_context(bad)?;
                 let mut train = toml::Value::try_from(&preset)?;
@@ -141,7 +141,9 @@ impl TrainArgs {
                     t.extend(file);
                 }
                 table.insert("train".into(), train);
-                toml::Value::Table(table).try_into::<ConfigFile>().with_context(bad)?
+                toml::Value::Table(table)
+                    .try_into::<ConfigFile>()
+                    .with_context(bad)?
             }
             None => ConfigFile {
                 train: preset,
@@ -156,7 +158,13 @@ impl TrainArgs {
         if let Some(x) = &self.mix {
             model.set_mix(MixSpec::parse(x)?);
         }
-        let dunet_flags = [self.growth, self.init_features, self.layers, self.bottleneck, self.levels];
+        let dunet_flags = [
+            self.growth,
+            self.init_features,
+            self.layers,
+            self.bottleneck,
+            self.levels,
+        ];
         match &mut model {
             ModelConfig::Dunet(m) => {
                 set(&mut m.growth, self.growth);
@@ -200,7 +208,11 @@ impl TrainArgs {
         }
         let m = model.input_multiple();
         if !f.train.patch.is_multiple_of(m) {
-            anyhow::bail!("patch {} must be a multiple of {m} for {}", f.train.patch, self.model);
+            anyhow::bail!(
+                "patch {} must be a multiple of {m} for {}",
+                f.train.patch,
+                self.model
+            );
         }
         Ok(Plan {
             model,

@@ -5,13 +5,13 @@ use crate::autograd::{Graph, ParamStore, Var};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::nn::blocks::{BlockKind, ModelForm};
-use crate::nn::mixacb::MixSpec;
 use crate::nn::buinet::{Buinet, BuinetConfig};
 use crate::nn::ccfcn::{Ccfcn, CcfcnConfig};
 use crate::nn::dunet::{Dunet, DunetConfig};
+use crate::nn::layers::BatchNorm;
+use crate::nn::mixacb::MixSpec;
 use crate::nn::nlunet::{Nlunet, NlunetConfig};
 use crate::nn::unet3d::{Unet3d, Unet3dConfig};
-use crate::nn::layers::BatchNorm;
 use serde::{Deserialize, Serialize};
 
 /// What every network provides.
