@@ -170,6 +170,8 @@ pub enum TrainEvent {
         lr: f64,
         /// Seconds it took.
         seconds: f64,
+        /// Mean Dice on the validation data, when a validator is set.
+        val_dice: Option<f64>,
     },
     /// A checkpoint was written.
     Checkpoint(PathBuf),
@@ -195,7 +197,11 @@ pub struct Trainer<'c> {
     /// Progress of the run.
     pub state: TrainState,
     out_dir: PathBuf,
+    validator: Option<Validator<'c>>,
 }
+
+/// Scores the model (e.g. mean Dice on validation volumes) after each epoch.
+pub type Validator<'a> = Box<dyn FnMut(&Model, &ParamStore) -> Result<f64> + 'a>;
 
 impl<'c> Trainer<'c> {
     /// A fresh run: the model is initialised from `options.seed`.
@@ -221,7 +227,13 @@ impl<'c> Trainer<'c> {
                 ..TrainState::default()
             },
             out_dir: out_dir.to_path_buf(),
+            validator: None,
         })
+    }
+
+    /// Runs `v` after every epoch and reports its score as `val_dice`.
+    pub fn set_validator(&mut self, v: Validator<'c>) {
+        self.validator = Some(v);
     }
 
     /// Continues the run saved in `checkpoint` (parameters, statistics, Adam state,
@@ -258,6 +270,7 @@ impl<'c> Trainer<'c> {
             adam,
             state,
             out_dir: out_dir.to_path_buf(),
+            validator: None,
         })
     }
 
@@ -326,11 +339,17 @@ impl<'c> Trainer<'c> {
                     patches_per_s: opts.batch as f64 / t0.elapsed().as_secs_f64(),
                 });
             }
+            let seconds = started.elapsed().as_secs_f64();
+            let val_dice = match &mut self.validator {
+                Some(v) => Some(v(&self.model, &self.store)?),
+                None => None,
+            };
             on_event(TrainEvent::Epoch {
                 epoch,
                 mean_loss: self.state.epoch_loss_sum / opts.steps_per_epoch as f64,
                 lr,
-                seconds: started.elapsed().as_secs_f64(),
+                seconds,
+                val_dice,
             });
             self.state.epoch += 1;
             self.state.step_in_epoch = 0;

@@ -81,7 +81,7 @@ fn train_resume_segment_eval_on_the_embedded_brain() {
     let run_a = d.join("a");
     let mut args: Vec<&str> = TINY.to_vec();
     let a = run_a.to_str().unwrap();
-    args.extend(["-o", a]);
+    args.extend(["-o", a, "--val", "held-out"]);
     ok(&args);
     for f in [
         "epoch-0001.safetensors",
@@ -93,6 +93,11 @@ fn train_resume_segment_eval_on_the_embedded_brain() {
     }
     let log = std::fs::read_to_string(run_a.join("metrics.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 2, "{log}");
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let d = v["val_dice"].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&d), "validation Dice {d} in {line}");
+    }
 
     // Resume from epoch 1 in another folder: epoch 2 must be bit-identical.
     let run_b = d.join("b");

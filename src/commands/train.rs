@@ -86,6 +86,11 @@ pub struct TrainArgs {
     /// Restrict patches along x to START:END (e.g. one hemisphere)
     #[arg(long)]
     pub region: Option<String>,
+    /// Validate after every epoch (mean Dice of CSF, GM, WM, logged as val_dice):
+    /// `held-out` = the embedded brain's x >= 49 half, or a folder of labelled iSeg-style
+    /// subjects
+    #[arg(long)]
+    pub val: Option<String>,
     /// Output folder (checkpoints, metrics.jsonl)
     #[arg(short, long, default_value = "runs/train")]
     pub output: PathBuf,
@@ -282,6 +287,14 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
             (t, s)
         }
     };
+    if let Some(v) = &args.val {
+        trainer.set_validator(validator(
+            ctx,
+            v,
+            trainer.state.options.patch,
+            trainer.model.channels().1,
+        )?);
+    }
     let o = trainer.state.options.clone();
     eprintln!(
         "training {} ({} parameters) on {} for {} epochs x {} steps, batch {}, patch {}^3, lr {}",
@@ -316,12 +329,22 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
             ));
             pb.inc(1);
         }
-        TrainEvent::Epoch { epoch, mean_loss, lr, seconds } => {
-            let line = serde_json::json!({"epoch": epoch + 1, "mean_loss": mean_loss, "lr": lr, "seconds": seconds});
+        TrainEvent::Epoch {
+            epoch,
+            mean_loss,
+            lr,
+            seconds,
+            val_dice,
+        } => {
+            let line = serde_json::json!({"epoch": epoch + 1, "mean_loss": mean_loss, "lr": lr, "seconds": seconds, "val_dice": val_dice});
             if let Err(e) = writeln!(log, "{line}") {
                 log_err = Some(e);
             }
-            pb.println(format!("epoch {} mean loss {mean_loss:.4} ({seconds:.1} s)", epoch + 1));
+            let val = val_dice.map(|d| format!(", validation Dice {d:.4}")).unwrap_or_default();
+            pb.println(format!(
+                "epoch {} mean loss {mean_loss:.4}{val} ({seconds:.1} s)",
+                epoch + 1
+            ));
         }
         TrainEvent::Checkpoint(p) => pb.println(format!("checkpoint {}", p.display())),
     })?;
@@ -335,4 +358,63 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
 /// The latest checkpoint a finished run wrote.
 pub fn latest(out: &Path) -> PathBuf {
     out.join("latest.safetensors")
+}
+
+/// Mean Dice (CSF, GM, WM) of the fused model on the validation data.
+fn validator<'c>(
+    ctx: &'c GpuContext,
+    spec: &str,
+    patch: usize,
+    classes: usize,
+) -> Result<masnet_wgpu::train::Validator<'c>> {
+    use masnet_wgpu::metrics::dice;
+    use masnet_wgpu::nn::ModelForm;
+    use masnet_wgpu::segment::{segment_volume, SegmentOptions};
+    // (volume, region along x where Dice counts)
+    let vols: Vec<(
+        masnet_wgpu::data::sampler::TrainingVolume,
+        std::ops::Range<usize>,
+    )> = if spec == "held-out" {
+        let tv = embedded_training()?.0;
+        let x = 49..tv.dims[0];
+        vec![(tv, x)]
+    } else {
+        let map = LabelMap::identity(classes)?;
+        folder_training(Path::new(spec), &map)?
+            .into_iter()
+            .map(|v| {
+                let x = 0..v.dims[0];
+                (v, x)
+            })
+            .collect()
+    };
+    Ok(Box::new(move |model, store| {
+        // Validate the inference form, as `segment` would run it.
+        let (m, s) = model.convert(ctx, store, ModelForm::Folded)?;
+        let mut total = 0.0;
+        let mut n = 0.0;
+        for (v, xr) in &vols {
+            let mask: Vec<bool> = v.t1.iter().map(|&t| t != 0.0).collect();
+            let opts = SegmentOptions {
+                patch,
+                step: patch,
+                batch: 2,
+            };
+            let (labels, _) =
+                segment_volume(ctx, &m, &s, &v.t1, &v.t2, &mask, v.dims, opts, |_, _| {})?;
+            let keep = |a: &[u8]| -> Vec<u8> {
+                a.iter()
+                    .enumerate()
+                    .filter(|(i, _)| xr.contains(&(i % v.dims[0])))
+                    .map(|(_, &l)| l)
+                    .collect()
+            };
+            let (p, t) = (keep(&labels), keep(&v.labels));
+            for c in 1..classes as u8 {
+                total += dice(&p, &t, c)?;
+                n += 1.0;
+            }
+        }
+        Ok(if n > 0.0 { total / n } else { 0.0 })
+    }))
 }
