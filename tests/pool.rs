@@ -347,48 +347,8 @@ fn finite_difference_check(is_max: bool) {
     let dx = &a * &g;
     let da = &x * &g;
     let db = g.clone();
-    let h = 1e-6;
-    let tol = |fd: f64| 1e-6 + 1e-6 * fd.abs();
     let what = if is_max { "maxpool" } else { "avgpool" };
-    for (i, _) in x.indexed_iter() {
-        let (mut p, mut m) = (x.clone(), x.clone());
-        p[i] += h;
-        m[i] -= h;
-        let fd = (loss(&p, &a, &b) - loss(&m, &a, &b)) / (2.0 * h);
-        assert!(
-            (fd - dx[i]).abs() <= tol(fd),
-            "{what} dx{i:?}: fd {fd} vs {}",
-            dx[i]
-        );
-    }
-    let mut rng = Rng::new(5);
-    for _ in 0..40 {
-        let i = (
-            rng.below(2),
-            rng.below(2),
-            rng.below(size[0]),
-            rng.below(size[1]),
-            rng.below(size[2]),
-        );
-        let (mut p, mut m) = (a.clone(), a.clone());
-        p[i] += h;
-        m[i] -= h;
-        let fd = (loss(&x, &p, &b) - loss(&x, &m, &b)) / (2.0 * h);
-        assert!(
-            (fd - da[i]).abs() <= tol(fd),
-            "{what} da{i:?}: fd {fd} vs {}",
-            da[i]
-        );
-        let (mut p, mut m) = (b.clone(), b.clone());
-        p[i] += h;
-        m[i] -= h;
-        let fd = (loss(&x, &a, &p) - loss(&x, &a, &m)) / (2.0 * h);
-        assert!(
-            (fd - db[i]).abs() <= tol(fd),
-            "{what} db{i:?}: fd {fd} vs {}",
-            db[i]
-        );
-    }
+    common::check_affine_graph_fd(&loss, &x, &a, &b, [&dx, &da, &db], 40, 5, what);
     // The graph really routes gradient through the pool (not all zeros).
     // (max: one winner per window, 72 windows; avg: every voxel)
     let nonzero = g.iter().filter(|&&v| v != 0.0).count();

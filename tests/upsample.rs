@@ -11,7 +11,6 @@ use masnet_wgpu::ops::upsample::{
     upsample_nearest_forward_f64, upsample_output_shape, upsample_trilinear_backward,
     upsample_trilinear_backward_f64, upsample_trilinear_forward, upsample_trilinear_forward_f64,
 };
-use masnet_wgpu::rng::Rng;
 use masnet_wgpu::{GpuContext, Shape5, Tensor};
 use ndarray::Array5;
 
@@ -249,47 +248,16 @@ fn finite_difference_check(mode: Mode) {
     };
     let dx = &a * &g;
     let da = &x * &g;
-    let h = 1e-6;
-    let tol = |fd: f64| 1e-6 + 1e-6 * fd.abs();
-    for (i, _) in x.indexed_iter() {
-        let (mut p, mut m) = (x.clone(), x.clone());
-        p[i] += h;
-        m[i] -= h;
-        let fd = (loss(&p, &a, &b) - loss(&m, &a, &b)) / (2.0 * h);
-        assert!(
-            (fd - dx[i]).abs() <= tol(fd),
-            "{mode:?} dx{i:?}: fd {fd} vs {}",
-            dx[i]
-        );
-    }
-    let mut rng = Rng::new(6);
-    for _ in 0..30 {
-        let i = (
-            rng.below(2),
-            rng.below(2),
-            rng.below(size[0]),
-            rng.below(size[1]),
-            rng.below(size[2]),
-        );
-        let (mut p, mut m) = (a.clone(), a.clone());
-        p[i] += h;
-        m[i] -= h;
-        let fd = (loss(&x, &p, &b) - loss(&x, &m, &b)) / (2.0 * h);
-        assert!(
-            (fd - da[i]).abs() <= tol(fd),
-            "{mode:?} da{i:?}: fd {fd} vs {}",
-            da[i]
-        );
-        let (mut p, mut m) = (b.clone(), b.clone());
-        p[i] += h;
-        m[i] -= h;
-        let fd = (loss(&x, &a, &p) - loss(&x, &a, &m)) / (2.0 * h);
-        assert!(
-            (fd - g[i]).abs() <= tol(fd),
-            "{mode:?} db{i:?}: fd {fd} vs {}",
-            g[i]
-        );
-    }
+    common::check_affine_graph_fd(
+        &loss,
+        &x,
+        &a,
+        &b,
+        [&dx, &da, &g],
+        30,
+        6,
+        &format!("{mode:?}"),
+    );
 }
 
 #[test]

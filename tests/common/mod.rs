@@ -112,3 +112,57 @@ pub fn perturb_bn(
         s.set(ctx, id, &v).unwrap();
     }
 }
+
+/// Central finite differences (h = 1e-6, tolerance 1e-6 · (1 + |fd|)) of
+/// `loss(x, a, b)` — an op inside the small graph L = Σ r ⊙ op(a ⊙ x + b) — against the
+/// analytic gradients `[dx, da, db]`: every element of x, `samples` random elements of
+/// a and b.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+pub fn check_affine_graph_fd(
+    loss: &dyn Fn(&Array5<f64>, &Array5<f64>, &Array5<f64>) -> f64,
+    x: &Array5<f64>,
+    a: &Array5<f64>,
+    b: &Array5<f64>,
+    [dx, da, db]: [&Array5<f64>; 3],
+    samples: usize,
+    seed: u64,
+    what: &str,
+) {
+    let h = 1e-6;
+    let tol = |fd: f64| 1e-6 + 1e-6 * fd.abs();
+    let fd_at = |which: usize, i: (usize, usize, usize, usize, usize)| -> f64 {
+        let mut args = [x.clone(), a.clone(), b.clone()];
+        args[which][i] += h;
+        let p = loss(&args[0], &args[1], &args[2]);
+        args[which][i] -= 2.0 * h;
+        let m = loss(&args[0], &args[1], &args[2]);
+        (p - m) / (2.0 * h)
+    };
+    for (i, _) in x.indexed_iter() {
+        let fd = fd_at(0, i);
+        assert!(
+            (fd - dx[i]).abs() <= tol(fd),
+            "{what} dx{i:?}: fd {fd} vs {}",
+            dx[i]
+        );
+    }
+    let s = x.shape();
+    let mut rng = Rng::new(seed);
+    for _ in 0..samples {
+        let i = (
+            rng.below(s[0]),
+            rng.below(s[1]),
+            rng.below(s[2]),
+            rng.below(s[3]),
+            rng.below(s[4]),
+        );
+        for (which, name, g) in [(1, "da", da), (2, "db", db)] {
+            let fd = fd_at(which, i);
+            assert!(
+                (fd - g[i]).abs() <= tol(fd),
+                "{what} {name}{i:?}: fd {fd} vs {}",
+                g[i]
+            );
+        }
+    }
+}
