@@ -282,53 +282,11 @@ impl Graph<'_> {
         })
     }
 
-    /// Channel concatenation.
+    /// Channel concatenation (each value written into its channel range of the output;
+    /// the gradient of each is its range of the output's gradient).
     pub fn concat(&mut self, xs: &[Var]) -> Result<Var> {
-        let ts: Vec<Rc<Tensor>> = xs.iter().map(|&v| self.tensor(v)).collect::<Result<_>>()?;
-        let first = ts
-            .first()
-            .ok_or_else(|| Error::InvalidArgument("concat of no values".into()))?
-            .shape();
-        let mut c = 0;
-        for t in &ts {
-            let s = t.shape();
-            if s.n() != first.n() || s.spatial() != first.spatial() {
-                return Err(Error::Shape(format!(
-                    "concat: '{}' {s} does not match '{}' {first} in batch or spatial size",
-                    t.name, ts[0].name
-                )));
-            }
-            c += s.c();
-        }
-        let [n, _, d, h, w] = first.0;
-        let ctx = self.ctx;
-        let y = Rc::new(empty(ctx, Shape5::new(n, c, d, h, w), "concat")?);
-        let mut off = 0;
-        let mut ranges = Vec::new();
-        for t in &ts {
-            let k = t.shape().c();
-            elementwise::copy_channels(ctx, &mut self.rec, t.all(), y.channels(off, k)?)?;
-            ranges.push((off, k));
-            off += k;
-        }
-        self.push("concat", y, xs, move |ctx, rec, gy, needs| {
-            let mut out = Vec::new();
-            for (&(off, k), &need) in ranges.iter().zip(needs) {
-                out.push(if need {
-                    let s = gy.shape();
-                    let dx = empty(
-                        ctx,
-                        Shape5::new(s.n(), k, s.0[2], s.0[3], s.0[4]),
-                        "concat dx",
-                    )?;
-                    elementwise::copy_channels(ctx, rec, gy.channels(off, k)?, dx.all())?;
-                    Some(dx)
-                } else {
-                    None
-                });
-            }
-            Ok(out)
-        })
+        let groups: Vec<Vec<Var>> = xs.iter().map(|&v| vec![v]).collect();
+        self.concat_of_sums(&groups)
     }
 
     /// Channels `offset .. offset + count` of `x` as a new value.
