@@ -11,6 +11,20 @@ pub enum Error {
     /// The device could not be created or was lost.
     #[error("GPU device error: {0}")]
     Device(String),
+    /// The device was lost (driver reset, GPU removed or out of memory); nothing more
+    /// can run on it.
+    #[error("GPU device lost ({0}); restart the program (a training run continues with --resume)")]
+    DeviceLost(String),
+    /// A GPU fault stopped training; `advice` says what was saved and how to go on.
+    #[error("GPU fault at training step {step}: {cause}. {advice}")]
+    TrainingFault {
+        /// 1-based step that failed.
+        step: u64,
+        /// The error wgpu or the engine reported.
+        cause: Box<Error>,
+        /// What was saved and how to continue.
+        advice: String,
+    },
     /// A tensor shape does not fit the operation.
     #[error("shape error: {0}")]
     Shape(String),
@@ -53,4 +67,15 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[macro_export]
 macro_rules! shape_err {
     ($($arg:tt)*) => { $crate::error::Error::Shape(format!($($arg)*)) };
+}
+
+impl Error {
+    /// Whether this is a fault of the GPU or its driver (validation, out of memory,
+    /// device lost) rather than of the input.
+    pub fn is_gpu_fault(&self) -> bool {
+        matches!(
+            self,
+            Error::Gpu { .. } | Error::Device(_) | Error::DeviceLost(_)
+        )
+    }
 }

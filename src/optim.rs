@@ -10,6 +10,13 @@ use crate::ops::reduce::count_non_finite;
 use crate::tensor::{Shape5, Tensor};
 use std::collections::HashMap;
 
+/// The optimiser's position before a step (see [`Adam::mark`]).
+#[derive(Clone, Debug)]
+pub struct AdamMark {
+    step: u32,
+    ids: std::collections::HashSet<ParamId>,
+}
+
 /// The Adam optimiser's state.
 pub struct Adam {
     /// Hyper-parameters; `lr` is overwritten by the schedule each step.
@@ -108,6 +115,21 @@ impl Adam {
     /// `l2 · Σ terms` (the penalty added to the reported loss).
     pub fn l2_value(&self, terms: &[f32]) -> f64 {
         f64::from(self.config.l2) * terms.iter().map(|&t| f64::from(t)).sum::<f64>()
+    }
+
+    /// Where the optimiser stands before a step, for [`Adam::rewind`].
+    pub fn mark(&self) -> AdamMark {
+        AdamMark {
+            step: self.step,
+            ids: self.moments.keys().copied().collect(),
+        }
+    }
+
+    /// Forgets a step that never ran on the GPU (its submission failed): restores the
+    /// step count and drops moments the step created (they were never zeroed).
+    pub fn rewind(&mut self, mark: &AdamMark) {
+        self.step = mark.step;
+        self.moments.retain(|id, _| mark.ids.contains(id));
     }
 
     /// Restores the step count (when resuming).

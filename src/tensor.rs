@@ -77,6 +77,7 @@ impl Tensor {
     }
 
     fn alloc(ctx: &GpuContext, shape: Shape5, name: &str, settled: bool) -> Result<Self> {
+        ctx.alive()?;
         if shape.has_zero() {
             return Err(Error::Shape(format!(
                 "tensor '{name}' has a zero-sized dimension: {shape}"
@@ -135,7 +136,6 @@ impl Tensor {
         data: &[f32],
         name: &str,
     ) -> Result<Self> {
-        use wgpu::util::DeviceExt;
         let n = shape.numel()?;
         if data.len() != n {
             return Err(Error::Shape(format!(
@@ -144,13 +144,11 @@ impl Tensor {
             )));
         }
         let t = Self::empty(ctx, shape, name)?;
-        let staging = ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("upload"),
-                contents: bytemuck::cast_slice(data),
-                usage: wgpu::BufferUsages::COPY_SRC,
-            });
+        let staging = ctx.buffer_with(
+            "upload",
+            bytemuck::cast_slice(data),
+            wgpu::BufferUsages::COPY_SRC,
+        )?;
         rec.encoder
             .copy_buffer_to_buffer(&staging, 0, t.buffer(), 0, t.bytes());
         Ok(t)

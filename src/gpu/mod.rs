@@ -71,6 +71,27 @@ pub struct GpuOptions {
     pub adapter: Option<usize>,
     /// Disable the subgroup kernels even where the adapter supports them.
     pub no_subgroups: bool,
+    /// Bind at most this many bytes per storage buffer even if the adapter allows more
+    /// (`MASNET_MAX_BINDING`, e.g. `64MiB`): to leave headroom or to test big-volume paths.
+    pub max_binding: Option<u64>,
+}
+
+/// Parses a byte count: a plain number or one with a `KiB`/`MiB`/`GiB` suffix.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mul) = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)]
+        .iter()
+        .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim(), *m)))
+        .unwrap_or((t, 1));
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "'{s}' is not a positive byte count (e.g. 134217728 or 128MiB)"
+            ))
+        })
 }
 
 impl GpuOptions {
@@ -84,6 +105,12 @@ impl GpuOptions {
             o.adapter = Some(a.trim().parse().map_err(|_| {
                 Error::InvalidArgument(format!("MASNET_ADAPTER='{a}' is not an adapter index"))
             })?);
+        }
+        if let Ok(b) = std::env::var("MASNET_MAX_BINDING") {
+            o.max_binding = Some(
+                parse_bytes(&b)
+                    .map_err(|e| Error::InvalidArgument(format!("MASNET_MAX_BINDING: {e}")))?,
+            );
         }
         Ok(o)
     }
@@ -165,7 +192,9 @@ pub struct GpuContext {
     /// Reusable buffers.
     pub pool: BufferPool,
     errors: Arc<Mutex<Vec<String>>>,
+    lost: Arc<Mutex<Option<String>>>,
     open_recorders: Arc<std::sync::atomic::AtomicUsize>,
+    max_binding: u64,
 }
 
 impl GpuContext {
@@ -219,6 +248,22 @@ impl GpuContext {
                 v.push(e.to_string());
             }
         }));
+        let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut l) = lost_sink.lock() {
+                let why = if message.is_empty() {
+                    format!("{reason:?}")
+                } else {
+                    format!("{reason:?}: {message}")
+                };
+                l.get_or_insert(why);
+            }
+        });
+        let adapter_max = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        let max_binding = opts.max_binding.map_or(adapter_max, |m| m.min(adapter_max));
         let subgroup_size = (has_sub
             && info.subgroup_min_size == info.subgroup_max_size
             && info.subgroup_min_size.is_power_of_two())
@@ -233,7 +278,9 @@ impl GpuContext {
             subgroups: has_sub,
             subgroup_size,
             errors,
+            lost,
             open_recorders: Arc::default(),
+            max_binding,
         })
     }
 
@@ -245,8 +292,51 @@ impl GpuContext {
         )
     }
 
-    /// Returns the first wgpu error recorded since the last call, naming `context`.
+    /// `Err(Error::DeviceLost)` once the device is lost (driver reset, GPU removed,
+    /// `device.destroy()`); every later command would fail.
+    pub fn alive(&self) -> Result<()> {
+        let lost = self
+            .lost
+            .lock()
+            .map_err(|_| Error::Device("device-lost flag poisoned".into()))?;
+        match &*lost {
+            Some(why) => Err(Error::DeviceLost(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// A buffer holding `contents` (padded to 4 bytes), written through the queue rather
+    /// than mapped at creation: mapping panics inside wgpu once the device is lost.
+    pub fn buffer_with(
+        &self,
+        label: &str,
+        contents: &[u8],
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        self.alive()?;
+        let size = (contents.len() as u64).div_ceil(4).max(1) * 4;
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: usage | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let whole = contents.len() - contents.len() % 4;
+        if whole > 0 {
+            self.queue.write_buffer(&buffer, 0, &contents[..whole]);
+        }
+        if whole < contents.len() {
+            let mut tail = [0u8; 4];
+            tail[..contents.len() - whole].copy_from_slice(&contents[whole..]);
+            self.queue.write_buffer(&buffer, whole as u64, &tail);
+        }
+        Ok(buffer)
+    }
+
+    /// Returns the first wgpu error recorded since the last call, naming `context`
+    /// (device loss first: it explains every error after it).
     pub fn check(&self, context: &str) -> Result<()> {
+        self.alive()?;
         let mut v = self
             .errors
             .lock()
@@ -299,11 +389,10 @@ impl GpuContext {
         self.check("GPU work")
     }
 
-    /// Largest buffer an op may bind as one storage buffer.
+    /// Largest buffer an op may bind as one storage buffer (the adapter's limit, or the
+    /// lower cap of [`GpuOptions::max_binding`]).
     pub fn max_binding_bytes(&self) -> u64 {
-        self.limits
-            .max_storage_buffer_binding_size
-            .min(self.limits.max_buffer_size)
+        self.max_binding
     }
 }
 

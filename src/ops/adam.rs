@@ -197,7 +197,7 @@ pub fn adam_step(
             Binding::ReadWrite,
         ],
     )?;
-    let uniform = uniform_u32(ctx, &params);
+    let uniform = uniform_u32(ctx, &params)?;
     let grid = crate::gpu::workgroup_grid(
         n.div_ceil(64) as u64,
         ctx.limits.max_compute_workgroups_per_dimension,

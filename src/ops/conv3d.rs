@@ -442,7 +442,7 @@ pub(crate) fn pack_input(
     vals.extend_from_slice(&pads);
     vals.push(0);
     vals.extend(u32s(&[dil[0], dil[1], dil[2], 0])?);
-    let params = uniform_u32(ctx, &vals);
+    let params = uniform_u32(ctx, &vals)?;
     dispatch(
         ctx,
         rec,
@@ -494,7 +494,7 @@ pub(crate) fn pack_weight(
             0,
             0,
         ])?,
-    );
+    )?;
     dispatch(
         ctx,
         rec,
@@ -597,7 +597,7 @@ pub(crate) fn conv_packed(
             grid.total as usize,
             sblocks,
         ])?,
-    );
+    )?;
     // Without a bias the kernel never reads binding 2; bind the weight as a stand-in.
     let (bbuf, bbytes) = match bias {
         Some(b) => (b.buffer(), b.bytes()),

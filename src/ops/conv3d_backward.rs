@@ -321,7 +321,7 @@ pub fn conv3d_backward_weight(
             0,
             0,
         ])?,
-    );
+    )?;
     dispatch(
         ctx,
         rec,

@@ -2,20 +2,18 @@
 
 use crate::gpu::{Binding, CachedPipelineRef, GpuContext, PipelineKey, Recorder, WorkgroupGrid};
 use crate::tensor::Tensor;
-use wgpu::util::DeviceExt;
 
 /// Uploads a `u32` parameter block as a uniform buffer (padded to 16 bytes).
-pub(crate) fn uniform_u32(ctx: &GpuContext, values: &[u32]) -> wgpu::Buffer {
+pub(crate) fn uniform_u32(ctx: &GpuContext, values: &[u32]) -> crate::Result<wgpu::Buffer> {
     let mut v = values.to_vec();
     while !v.len().is_multiple_of(4) {
         v.push(0);
     }
-    ctx.device
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: bytemuck::cast_slice(&v),
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
+    ctx.buffer_with(
+        "params",
+        bytemuck::cast_slice(&v),
+        wgpu::BufferUsages::UNIFORM,
+    )
 }
 
 /// Binds `buffers` (buffer, bytes) in order to group 0 and records one dispatch of `grid`.
@@ -97,7 +95,7 @@ pub(crate) fn launch(
         .collect();
     bindings.push(Binding::Uniform);
     let pipe = ctx.pipelines.get(&ctx.device, &key, src, &bindings)?;
-    let uniform = uniform_u32(ctx, params);
+    let uniform = uniform_u32(ctx, params)?;
     let mut buffers: Vec<(&wgpu::Buffer, u64)> = args
         .iter()
         .map(|a| match a {

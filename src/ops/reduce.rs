@@ -37,7 +37,7 @@ fn record(
         REDUCE_SRC,
         &[Binding::ReadOnly, Binding::ReadWrite, Binding::Uniform],
     )?;
-    let params = uniform_u32(ctx, &u32s(&[len, count, 0, 0])?);
+    let params = uniform_u32(ctx, &u32s(&[len, count, 0, 0])?)?;
     dispatch(
         ctx,
         rec,
