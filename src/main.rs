@@ -35,6 +35,10 @@ struct GpuArgs {
     /// Never use subgroup kernels (as on adapters without subgroup support)
     #[arg(long, global = true)]
     no_subgroups: bool,
+    /// Bind at most this many bytes per storage buffer, e.g. 64MiB (below the adapter's
+    /// limit, to leave headroom) [env: MASNET_MAX_BINDING]
+    #[arg(long, global = true)]
+    max_binding: Option<String>,
 }
 
 impl GpuArgs {
@@ -47,6 +51,9 @@ impl GpuArgs {
             o.adapter = self.adapter;
         }
         o.no_subgroups |= self.no_subgroups;
+        if let Some(b) = &self.max_binding {
+            o.max_binding = Some(masnet_wgpu::gpu::parse_bytes(b)?);
+        }
         Ok(o)
     }
 

@@ -72,6 +72,9 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Write a checkpoint every this many epochs (and at the end).
     pub checkpoint_every: usize,
+    /// Also refresh `latest.safetensors` mid-epoch once this many minutes passed since
+    /// the last checkpoint (0 = never), so a killed run loses at most that much work.
+    pub checkpoint_minutes: f64,
     /// Check every stored tensor for NaN/Inf every this many steps (the loss is
     /// checked at every step).
     pub check_every: usize,
@@ -96,6 +99,7 @@ impl Default for TrainOptions {
             weight_decay: 0.0,
             seed: 1,
             checkpoint_every: 10,
+            checkpoint_minutes: 15.0,
             check_every: 50,
         }
     }
@@ -120,6 +124,12 @@ impl TrainOptions {
             return Err(Error::InvalidArgument(format!(
                 "batch ({}), patch ({}), epochs ({}) and steps per epoch ({}) must be >= 1",
                 self.batch, self.patch, self.epochs, self.steps_per_epoch
+            )));
+        }
+        if !(self.checkpoint_minutes.is_finite() && self.checkpoint_minutes >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "checkpoint_minutes {} must be a number >= 0 (0 = only per-epoch checkpoints)",
+                self.checkpoint_minutes
             )));
         }
         self.schedule.validate()?;
@@ -149,6 +159,8 @@ pub struct TrainState {
 pub enum TrainEvent {
     /// A step finished.
     Step {
+        /// 1-based step count over the whole run.
+        global_step: u64,
         /// 0-based epoch.
         epoch: usize,
         /// 1-based step within the epoch.
@@ -186,6 +198,37 @@ pub enum TrainOutcome {
     Interrupted,
 }
 
+/// A fault [`Trainer::inject_fault`] triggers, to test the fault path without a
+/// broken GPU (the CLI reads `MASNET_INJECT_FAULT=invalid@STEP|lost@STEP`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// A command that fails wgpu validation (a buffer over the size limit) inside the
+    /// step's submission: wgpu drops the whole command buffer, as it does on
+    /// out-of-memory.
+    InvalidCommands,
+    /// `device.destroy()` before the step's submission: the device is lost.
+    DeviceLost,
+}
+
+impl InjectedFault {
+    /// Parses `invalid@STEP` or `lost@STEP` (1-based step).
+    pub fn parse(s: &str) -> Result<(u64, Self)> {
+        let bad = || {
+            Error::InvalidArgument(format!(
+                "fault '{s}': expected invalid@STEP or lost@STEP (STEP >= 1)"
+            ))
+        };
+        let (kind, step) = s.trim().split_once('@').ok_or_else(bad)?;
+        let step: u64 = step.parse().ok().filter(|&n| n >= 1).ok_or_else(bad)?;
+        let kind = match kind {
+            "invalid" => Self::InvalidCommands,
+            "lost" => Self::DeviceLost,
+            _ => return Err(bad()),
+        };
+        Ok((step, kind))
+    }
+}
+
 /// A model being trained, its optimiser and where it writes.
 pub struct Trainer<'c> {
     ctx: &'c GpuContext,
@@ -198,7 +241,16 @@ pub struct Trainer<'c> {
     pub state: TrainState,
     out_dir: PathBuf,
     validator: Option<Validator<'c>>,
+    fault: Option<(u64, InjectedFault)>,
+    last_checkpoint: Option<(PathBuf, u64)>,
+    last_save: Instant,
+    /// Extra `masnet.run.*` metadata saved in every checkpoint and restored by
+    /// [`Trainer::resume`] (the CLI keeps its data settings here).
+    pub run_metadata: BTreeMap<String, String>,
 }
+
+/// Prefix of the metadata keys kept in [`Trainer::run_metadata`].
+pub const RUN_METADATA_PREFIX: &str = "masnet.run.";
 
 /// Scores the model (e.g. mean Dice on validation volumes) after each epoch.
 pub type Validator<'a> = Box<dyn FnMut(&Model, &ParamStore) -> Result<f64> + 'a>;
@@ -228,7 +280,16 @@ impl<'c> Trainer<'c> {
             },
             out_dir: out_dir.to_path_buf(),
             validator: None,
+            fault: None,
+            last_checkpoint: None,
+            last_save: Instant::now(),
+            run_metadata: BTreeMap::new(),
         })
+    }
+
+    /// Makes step `step` (1-based, global) fail with `fault` (testing the fault path).
+    pub fn inject_fault(&mut self, step: u64, fault: InjectedFault) {
+        self.fault = Some((step, fault));
     }
 
     /// Runs `v` after every epoch and reports its score as `val_dice`.
@@ -256,6 +317,7 @@ impl<'c> Trainer<'c> {
             .unwrap_or(0);
         let mut adam = Adam::new(state.options.adam(1e-3))?;
         adam.set_steps(adam_steps);
+        let resumed_from = (checkpoint.to_path_buf(), state.global_step);
         for (id, e) in store.iter() {
             let m = ckpt.get(&format!("{OPTIMIZER_PREFIX}adam_m.{}", e.name));
             let v = ckpt.get(&format!("{OPTIMIZER_PREFIX}adam_v.{}", e.name));
@@ -271,6 +333,15 @@ impl<'c> Trainer<'c> {
             state,
             out_dir: out_dir.to_path_buf(),
             validator: None,
+            fault: None,
+            last_checkpoint: Some(resumed_from),
+            last_save: Instant::now(),
+            run_metadata: ckpt
+                .metadata
+                .iter()
+                .filter(|(k, _)| k.starts_with(RUN_METADATA_PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })
     }
 
@@ -284,6 +355,11 @@ impl<'c> Trainer<'c> {
                 .map_err(|e| Error::InvalidArgument(format!("training state: {e}")))?,
         );
         meta.insert("masnet.adam_steps".into(), self.adam.steps().to_string());
+        for (k, v) in &self.run_metadata {
+            if k.starts_with(RUN_METADATA_PREFIX) {
+                meta.insert(k.clone(), v.clone());
+            }
+        }
         let mut ckpt = model_checkpoint(self.ctx, &self.model, &self.store, meta)?;
         for (id, e) in self.store.iter() {
             if let Some((m, v)) = self.adam.moments(id) {
@@ -326,18 +402,36 @@ impl<'c> Trainer<'c> {
                 let step = self.state.step_in_epoch;
                 lr = opts.schedule.lr_at(epoch, step, opts.steps_per_epoch);
                 let (x, y) = source.next_batch(opts.batch, patch)?;
-                let loss = self.step(&x, &y, c, patch, lr as f32)?;
+                let mark = self.adam.mark();
+                let loss = match self.step(&x, &y, c, patch, lr as f32) {
+                    Ok(l) => l,
+                    Err(e) if e.is_gpu_fault() => {
+                        self.adam.rewind(&mark);
+                        return Err(self.fault_error(e, &mut on_event));
+                    }
+                    Err(e) => return Err(e),
+                };
                 self.state.step_in_epoch += 1;
                 self.state.global_step += 1;
                 self.state.sampler_state = source.state();
                 self.state.epoch_loss_sum += loss;
                 on_event(TrainEvent::Step {
+                    global_step: self.state.global_step,
                     epoch,
                     step: step + 1,
                     loss,
                     lr,
                     patches_per_s: opts.batch as f64 / t0.elapsed().as_secs_f64(),
                 });
+                let minutes = opts.checkpoint_minutes;
+                if minutes > 0.0
+                    && self.state.step_in_epoch < opts.steps_per_epoch
+                    && self.last_save.elapsed().as_secs_f64() >= minutes * 60.0
+                {
+                    let p = self.save("latest.safetensors")?;
+                    self.saved(&p);
+                    on_event(TrainEvent::Checkpoint(p));
+                }
             }
             let seconds = started.elapsed().as_secs_f64();
             let val_dice = match &mut self.validator {
@@ -362,6 +456,7 @@ impl<'c> Trainer<'c> {
                     .is_multiple_of(opts.checkpoint_every.max(1))
             {
                 let p = self.save(&format!("epoch-{:04}.safetensors", self.state.epoch))?;
+                self.saved(&p);
                 on_event(TrainEvent::Checkpoint(p.clone()));
                 let latest = self.out_dir.join("latest.safetensors");
                 std::fs::copy(&p, latest.with_extension("safetensors.tmp"))
@@ -375,6 +470,53 @@ impl<'c> Trainer<'c> {
             }
         }
         Ok(TrainOutcome::Finished)
+    }
+
+    fn saved(&mut self, path: &Path) {
+        self.last_checkpoint = Some((path.to_path_buf(), self.state.global_step));
+        self.last_save = Instant::now();
+    }
+
+    /// Saves the last good state after a GPU fault where the device still works, and
+    /// says where to continue from.
+    fn fault_error(&mut self, cause: Error, on_event: &mut impl FnMut(TrainEvent)) -> Error {
+        let step = self.state.global_step + 1;
+        let resume =
+            |p: &Path| format!("continue with `masnet-wgpu train --resume {}`", p.display());
+        // A failed submission is dropped whole by wgpu, so the GPU still holds the state
+        // after the previous step (docs/reliability.md).
+        let saved = match self.ctx.alive() {
+            Ok(()) => match self.save("fault.safetensors") {
+                Ok(p) => {
+                    on_event(TrainEvent::Checkpoint(p.clone()));
+                    Ok(p)
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        let advice = match (saved, &self.last_checkpoint) {
+            (Ok(p), _) => format!(
+                "The state after step {} was saved to {}; {}",
+                step - 1,
+                p.display(),
+                resume(&p)
+            ),
+            (Err(why), Some((p, s))) => format!(
+                "Nothing more could be saved ({why}); the last checkpoint is {} (step {s}); {}",
+                p.display(),
+                resume(p)
+            ),
+            (Err(why), None) => format!(
+                "Nothing could be saved ({why}) and no checkpoint was written yet; start the \
+                 run again"
+            ),
+        };
+        Error::TrainingFault {
+            step,
+            cause: Box::new(cause),
+            advice,
+        }
     }
 
     /// One optimisation step; returns the loss (cross-entropy + L2 term).
@@ -399,6 +541,10 @@ impl<'c> Trainer<'c> {
         } else {
             None
         };
+        let _invalid = match self.fault {
+            Some((at, fault)) if at == step_no => inject(ctx, g.recorder(), fault)?,
+            _ => None,
+        };
         g.submit();
         let ce = g.value(loss)?.to_vec(ctx)?[0] as f64;
         let l2v = match &l2 {
@@ -412,6 +558,33 @@ impl<'c> Trainer<'c> {
         let total = ce + l2v;
         check_step(step_no, total, &counts, &self.store)?;
         Ok(total)
+    }
+}
+
+/// Records (or performs) `fault` into the step's commands; returns what must outlive
+/// the recording.
+fn inject(
+    ctx: &GpuContext,
+    rec: &mut crate::gpu::Recorder,
+    fault: InjectedFault,
+) -> Result<Option<(wgpu::Buffer, Tensor)>> {
+    match fault {
+        InjectedFault::InvalidCommands => {
+            let target = Tensor::empty(ctx, Shape5::new(1, 1, 1, 1, 4), "fault target")?;
+            let bad = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("injected fault: over-sized buffer"),
+                size: ctx.limits.max_buffer_size.saturating_add(4096),
+                usage: wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            rec.encoder
+                .copy_buffer_to_buffer(&bad, 0, target.buffer(), 0, 16);
+            Ok(Some((bad, target)))
+        }
+        InjectedFault::DeviceLost => {
+            ctx.device.destroy();
+            Ok(None)
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use masnet_wgpu::data::sampler::PatchSampler;
 use masnet_wgpu::data::volume::LabelMap;
 use masnet_wgpu::nn::{MixSpec, ModelConfig};
 use masnet_wgpu::schedule::LrSchedule;
-use masnet_wgpu::train::{TrainEvent, TrainOptions, TrainOutcome, Trainer};
+use masnet_wgpu::train::{InjectedFault, TrainEvent, TrainOptions, TrainOutcome, Trainer};
 use masnet_wgpu::GpuContext;
 use serde::Deserialize;
 use std::io::Write;
@@ -80,6 +80,9 @@ pub struct TrainArgs {
     /// Checkpoint every N epochs (and at the end)
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+    /// Also refresh latest.safetensors mid-epoch every N minutes (0 = off) [default 15]
+    #[arg(long)]
+    pub checkpoint_minutes: Option<f64>,
     /// Probability of centring a patch on a labelled voxel [default 0: uniform corners]
     #[arg(long)]
     pub foreground_bias: Option<f64>,
@@ -100,8 +103,9 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
 }
 
-/// The `[data]` section of the configuration file.
-#[derive(Deserialize, Default, Debug)]
+/// The `[data]` section of the configuration file (also saved in checkpoints, so that
+/// `--resume` samples the same data).
+#[derive(Deserialize, serde::Serialize, Default, Debug, Clone)]
 #[serde(default, deny_unknown_fields)]
 struct DataSection {
     dir: Option<PathBuf>,
@@ -117,6 +121,9 @@ struct ConfigFile {
     train: TrainOptions,
     data: DataSection,
 }
+
+/// Checkpoint metadata key of the data settings.
+const KEY_DATA: &str = "masnet.run.data";
 
 /// Everything a run needs, after merging the file and the flags.
 pub struct Plan {
@@ -194,6 +201,7 @@ impl TrainArgs {
         set(&mut t.steps_per_epoch, self.steps_per_epoch);
         set(&mut t.seed, self.seed);
         set(&mut t.checkpoint_every, self.checkpoint_every);
+        set(&mut t.checkpoint_minutes, self.checkpoint_minutes);
         if let Some(s) = &self.lr_schedule {
             t.schedule = s.parse::<LrSchedule>()?;
         }
@@ -271,19 +279,39 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
             let mut plan = args.plan()?;
             plan.train = t.state.options.clone();
             plan.model = t.model.config();
+            if let Some(saved) = t.run_metadata.get(KEY_DATA) {
+                let mut d: DataSection = serde_json::from_str(saved)
+                    .with_context(|| format!("{}: bad {KEY_DATA}", ckpt.display()))?;
+                // Flags given with --resume still override the saved settings.
+                if args.data.is_some() {
+                    d.dir = args.data.clone();
+                }
+                if args.label_map.is_some() {
+                    d.label_map = args.label_map.clone();
+                }
+                if args.region.is_some() {
+                    d.region = args.region.clone();
+                }
+                if args.foreground_bias.is_some() {
+                    d.foreground_bias = args.foreground_bias;
+                }
+                plan.data = d;
+            }
             let s = plan.sampler()?;
             (t, s)
         }
         None => {
             let plan = args.plan()?;
             let s = plan.sampler()?;
-            let t = Trainer::new(
+            let mut t = Trainer::new(
                 ctx,
                 plan.model.clone(),
                 plan.train.clone(),
                 s.state(),
                 &args.output,
             )?;
+            t.run_metadata
+                .insert(KEY_DATA.into(), serde_json::to_string(&plan.data)?);
             (t, s)
         }
     };
@@ -313,6 +341,18 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
         "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
     );
     pb.set_position(trainer.state.global_step);
+    if let Ok(f) = std::env::var("MASNET_INJECT_FAULT") {
+        let (step, fault) = InjectedFault::parse(&f)?;
+        eprintln!("MASNET_INJECT_FAULT: step {step} will fail ({fault:?})");
+        trainer.inject_fault(step, fault);
+    }
+    // One line per step, written as it happens: a killed run keeps its loss curve.
+    let steps_path = args.output.join("steps.jsonl");
+    let mut steps_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&steps_path)
+        .with_context(|| format!("opening {}", steps_path.display()))?;
     let log_path = args.output.join("metrics.jsonl");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -321,7 +361,11 @@ pub fn run(ctx: &GpuContext, args: &TrainArgs, stop: Arc<AtomicBool>) -> Result<
         .with_context(|| format!("opening {}", log_path.display()))?;
     let mut log_err = None;
     let outcome = trainer.run(&mut sampler, &stop, |ev| match ev {
-        TrainEvent::Step { epoch, step, loss, lr, patches_per_s } => {
+        TrainEvent::Step { global_step, epoch, step, loss, lr, patches_per_s } => {
+            let line = serde_json::json!({"step": global_step, "epoch": epoch + 1, "step_in_epoch": step, "loss": loss, "lr": lr});
+            if let Err(e) = writeln!(steps_log, "{line}") {
+                log_err = Some(e);
+            }
             pb.set_message(format!(
                 "epoch {} step {step}/{} loss {loss:.4} lr {lr:.2e} {patches_per_s:.1} patches/s",
                 epoch + 1,
@@ -399,9 +443,10 @@ fn validator<'c>(
                 patch,
                 step: patch,
                 batch: 2,
+                blend: false,
             };
-            let (labels, _) =
-                segment_volume(ctx, &m, &s, &v.t1, &v.t2, &mask, v.dims, opts, |_, _| {})?;
+            let labels =
+                segment_volume(ctx, &m, &s, &v.t1, &v.t2, &mask, v.dims, opts, |_, _| {})?.labels;
             let keep = |a: &[u8]| -> Vec<u8> {
                 a.iter()
                     .enumerate()
