@@ -127,12 +127,13 @@ pub fn run(ctx: &GpuContext, a: &DemoArgs) -> Result<()> {
         patch: a.window,
         step: a.window_step,
         batch: 2,
+        blend: false,
     };
     let pb = progress_bar(
         0,
         "{bar:30} {pos}/{len} windows [{elapsed_precise} < {eta_precise}]",
     );
-    let (labels, _) = segment_volume(
+    let labels = segment_volume(
         ctx,
         &model,
         &store,
@@ -145,7 +146,8 @@ pub fn run(ctx: &GpuContext, a: &DemoArgs) -> Result<()> {
             pb.set_length(t as u64);
             pb.set_position(d as u64);
         },
-    )?;
+    )?
+    .labels;
     pb.finish_and_clear();
     let seg_s = t1.elapsed().as_secs_f64();
     let seg_path = a.output.join("segmentation.nii.gz");

@@ -39,6 +39,14 @@ pub struct SegmentArgs {
     /// Windows per GPU submission
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// Whole-volume mode: run the network on tiles of this edge (the whole brain when it
+    /// fits; halved automatically while a tile exceeds the binding limit), blended over
+    /// --overlap voxels, instead of --patch/--step windows
+    #[arg(long)]
+    pub tile: Option<usize>,
+    /// Overlap between tiles in whole-volume mode
+    #[arg(long, default_value_t = 16)]
+    pub overlap: usize,
     /// Also write the class probabilities as a 4-D f32 image
     #[arg(long)]
     pub prob: Option<PathBuf>,
@@ -64,11 +72,6 @@ pub fn run(ctx: &GpuContext, a: &SegmentArgs) -> Result<()> {
         None => None,
     };
     let n = normalise(&t1.data, &t2.data, mask.as_deref())?;
-    let opts = SegmentOptions {
-        patch: a.patch,
-        step: a.step,
-        batch: a.batch,
-    };
     let mut maps = Vec::new();
     let mut prob_sum: Option<Vec<Vec<f32>>> = None;
     let mut classes = 0;
@@ -76,12 +79,21 @@ pub fn run(ctx: &GpuContext, a: &SegmentArgs) -> Result<()> {
         let (model, store, _) = load_model(ctx, path)?;
         let (model, store) = inference_form(ctx, model, store)?;
         classes = model.channels().1;
+        let opts = match a.tile {
+            Some(t) => SegmentOptions::tiles(t, a.overlap, model.input_multiple(), t1.dims)?,
+            None => SegmentOptions {
+                patch: a.patch,
+                step: a.step,
+                batch: a.batch,
+                blend: false,
+            },
+        };
         let pb = progress_bar(
             0,
             "{bar:30} {pos}/{len} windows {msg} [{elapsed_precise} < {eta_precise}]",
         );
         pb.set_message(path.display().to_string());
-        let (labels, probs) = segment_volume(
+        let seg = segment_volume(
             ctx,
             &model,
             &store,
@@ -97,7 +109,20 @@ pub fn run(ctx: &GpuContext, a: &SegmentArgs) -> Result<()> {
         )
         .with_context(|| format!("segmenting with {}", path.display()))?;
         pb.finish_and_clear();
-        maps.push(labels);
+        if seg.used != opts {
+            eprintln!(
+                "note: {}^3 windows in batches of {} exceeded the storage-binding limit of {} \
+                 bytes; ran {}^3 windows (step {}) in batches of {}",
+                opts.patch,
+                opts.batch,
+                ctx.max_binding_bytes(),
+                seg.used.patch,
+                seg.used.step,
+                seg.used.batch
+            );
+        }
+        let probs = seg.probs;
+        maps.push(seg.labels);
         match &mut prob_sum {
             None => prob_sum = Some(probs),
             Some(s) => s

@@ -588,6 +588,8 @@ pub struct ProbAccumulator {
     sums: Vec<Vec<f32>>,
     /// Number of windows covering each voxel.
     counts: Vec<u32>,
+    /// Sum of the blending weights of those windows (the count when unweighted).
+    weights: Vec<f32>,
 }
 
 impl ProbAccumulator {
@@ -603,6 +605,7 @@ impl ProbAccumulator {
             dims,
             sums: vec![vec![0.0; n]; classes],
             counts: vec![0; n],
+            weights: vec![0.0; n],
         })
     }
 
@@ -619,7 +622,30 @@ impl ProbAccumulator {
     /// Adds the probabilities `probs` (`[C, pz, py, px]`, e.g. a softmax) of the window at
     /// `start` of size `patch = [px, py, pz]`; the part past the volume is ignored.
     pub fn add(&mut self, start: [usize; 3], patch: [usize; 3], probs: &[f32]) -> Result<()> {
+        self.add_weighted(start, patch, probs, None)
+    }
+
+    /// [`ProbAccumulator::add`] with a separable blending weight `w[0][x]·w[1][y]·w[2][z]`
+    /// per window voxel (`axis_weights[a]` has `patch[a]` positive values).
+    pub fn add_weighted(
+        &mut self,
+        start: [usize; 3],
+        patch: [usize; 3],
+        probs: &[f32],
+        axis_weights: Option<[&[f32]; 3]>,
+    ) -> Result<()> {
         let pn = voxel_count(patch, "ProbAccumulator::add: patch")?;
+        if let Some(w) = axis_weights {
+            if let Some(a) = (0..3).find(|&a| {
+                w[a].len() != patch[a] || w[a].iter().any(|&v| !(v.is_finite() && v > 0.0))
+            }) {
+                return Err(Error::InvalidArgument(format!(
+                    "ProbAccumulator::add: blending weights along axis {a} must be {} positive \
+                     values",
+                    patch[a]
+                )));
+            }
+        }
         let c = self.classes();
         if probs.len() != c * pn {
             return Err(Error::Shape(format!(
@@ -653,10 +679,31 @@ impl ProbAccumulator {
                 for cnt in &mut self.counts[v..v + nx] {
                     *cnt += 1;
                 }
-                for (k, sum) in self.sums.iter_mut().enumerate() {
-                    let p = patch_index(patch, k, 0, py, pz);
-                    for (s, &q) in sum[v..v + nx].iter_mut().zip(&probs[p..p + nx]) {
-                        *s += q;
+                match axis_weights {
+                    None => {
+                        for w in &mut self.weights[v..v + nx] {
+                            *w += 1.0;
+                        }
+                        for (k, sum) in self.sums.iter_mut().enumerate() {
+                            let p = patch_index(patch, k, 0, py, pz);
+                            for (s, &q) in sum[v..v + nx].iter_mut().zip(&probs[p..p + nx]) {
+                                *s += q;
+                            }
+                        }
+                    }
+                    Some(aw) => {
+                        let wyz = aw[1][py] * aw[2][pz];
+                        let wx = &aw[0][..nx];
+                        for (w, &x) in self.weights[v..v + nx].iter_mut().zip(wx) {
+                            *w += x * wyz;
+                        }
+                        for (k, sum) in self.sums.iter_mut().enumerate() {
+                            let p = patch_index(patch, k, 0, py, pz);
+                            let q = &probs[p..p + nx];
+                            for ((s, &q), &x) in sum[v..v + nx].iter_mut().zip(q).zip(wx) {
+                                *s += q * x * wyz;
+                            }
+                        }
                     }
                 }
             }
@@ -669,7 +716,10 @@ impl ProbAccumulator {
     /// (label 0, probability 1 for class 0 and 0 for the others).
     pub fn finish(self) -> (Vec<u8>, Vec<Vec<f32>>) {
         let Self {
-            mut sums, counts, ..
+            mut sums,
+            counts,
+            weights,
+            ..
         } = self;
         let mut labels = vec![0u8; counts.len()];
         for (v, &n) in counts.iter().enumerate() {
@@ -682,7 +732,7 @@ impl ProbAccumulator {
             let mut best = 0usize;
             let mut best_p = f32::NEG_INFINITY;
             for (k, s) in sums.iter_mut().enumerate() {
-                s[v] /= n as f32;
+                s[v] /= weights[v];
                 if s[v] > best_p {
                     best_p = s[v];
                     best = k;
