@@ -10,7 +10,7 @@ use serde::Serialize;
 use std::time::Instant;
 
 /// One benchmark result, printed as a table row or a JSON line.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct BenchResult {
     /// Workload name, e.g. `conv3d.fwd.W1`.
     pub name: String,
@@ -20,6 +20,16 @@ pub struct BenchResult {
     pub gflops: f64,
     /// Adapter it ran on.
     pub adapter: String,
+    /// Peak bytes of live tensors during one run, in MiB (where measured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_mib: Option<f64>,
+    /// Mean Dice of CSF, GM and WM (segmentation benchmarks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dice: Option<f64>,
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 20)
 }
 
 /// A conv3d workload: batch, channels, cube size, kernel.
@@ -113,6 +123,7 @@ pub fn bench_conv_forward(
         ms,
         gflops: conv3d_flops(os, ws) / (ms * 1e6),
         adapter: ctx.adapter_name(),
+        ..BenchResult::default()
     })
 }
 
@@ -170,6 +181,7 @@ pub fn bench_conv_backward_w1(ctx: &GpuContext, reps: usize) -> Result<Vec<Bench
         ms,
         gflops: flops / (ms * 1e6),
         adapter: ctx.adapter_name(),
+        ..BenchResult::default()
     })
     .collect())
 }
@@ -184,6 +196,8 @@ fn bench_graph(
 ) -> Result<BenchResult> {
     use crate::autograd::{Graph, Mode};
     let mut flops = 0.0;
+    ctx.wait()?;
+    ctx.pool.reset_peak();
     let ms = median_ms(reps, || {
         let mut g = Graph::no_grad(ctx, Mode::Eval);
         build(&mut g)?;
@@ -196,6 +210,8 @@ fn bench_graph(
         ms,
         gflops: flops / (ms * 1e6),
         adapter: ctx.adapter_name(),
+        peak_mib: Some(mib(ctx.pool.memory().peak_in_use)),
+        dice: None,
     })
 }
 
@@ -291,4 +307,153 @@ pub fn bench_dunet_forward(ctx: &GpuContext, reps: usize) -> Result<Vec<BenchRes
         })?);
     }
     Ok(out)
+}
+
+/// One DU-Net+MixACB training step (paper configuration, `batch` × 32³ patches: forward,
+/// backward, Adam, loss read back) as `dunet.train_step.b<batch>`, with the peak bytes
+/// of live tensors (parameters, Adam moments, activations kept for backward,
+/// gradients). GFLOP/s counts 3 × the forward's FLOPs (forward, input and weight
+/// gradients), the usual convention.
+pub fn bench_train_step(ctx: &GpuContext, batch: usize, reps: usize) -> Result<BenchResult> {
+    use crate::autograd::{Graph, Mode};
+    use crate::nn::{DunetConfig, ModelConfig};
+    use crate::train::{TrainOptions, Trainer};
+    let options = TrainOptions {
+        batch,
+        patch: 32,
+        ..TrainOptions::default()
+    };
+    let dir = std::env::temp_dir();
+    let mut trainer = Trainer::new(
+        ctx,
+        ModelConfig::Dunet(DunetConfig::default()),
+        options,
+        0,
+        &dir,
+    )?;
+    let mut rng = Rng::new(9);
+    let voxels = batch * 32 * 32 * 32;
+    let x = rng.vec_f32(2 * voxels, -1.0, 1.0);
+    let y: Vec<f32> = (0..voxels).map(|_| (rng.next_u64() % 4) as f32).collect();
+    let flops = {
+        let mut g = Graph::no_grad(ctx, Mode::Eval);
+        let xv = g.input(Tensor::from_slice(
+            ctx,
+            Shape5::new(batch, 2, 32, 32, 32),
+            &x,
+            "x",
+        )?);
+        trainer.model.forward(&mut g, &trainer.store, xv, 0)?;
+        g.forward_flops()
+    };
+    // The first step creates the Adam moments; the peak covers the steady state.
+    trainer.train_step(&x, &y, 1e-4)?;
+    ctx.pool.reset_peak();
+    let ms = median_ms(reps, || trainer.train_step(&x, &y, 1e-4).map(|_| ()))?;
+    Ok(BenchResult {
+        name: format!("dunet.train_step.b{batch}"),
+        ms,
+        gflops: 3.0 * flops / (ms * 1e6),
+        adapter: ctx.adapter_name(),
+        peak_mib: Some(mib(ctx.pool.memory().peak_in_use)),
+        dice: None,
+    })
+}
+
+/// Segmentation of the embedded brain with `model` in both modes: the paper's 32³
+/// windows at step 8 (`segment.windows32_step8`) and whole-volume tiles of edge `tile`
+/// overlapping by 16 (`segment.tiles<tile>`); time per volume, peak tensor memory and
+/// mean Dice (CSF, GM, WM) on the held-out hemisphere (x >= 49) of the demo.
+pub fn bench_segment(
+    ctx: &GpuContext,
+    model: &crate::nn::Model,
+    store: &crate::autograd::ParamStore,
+    tile: usize,
+    reps: usize,
+) -> Result<Vec<BenchResult>> {
+    use crate::data::preprocess::zscore;
+    use crate::data::volume::load_embedded;
+    use crate::metrics::dice;
+    use crate::segment::{segment_volume, SegmentOptions};
+    let brain = load_embedded()?;
+    let dims = brain.t1.dims;
+    let mask: Vec<bool> = brain.mask.data.iter().map(|&v| v > 0.5).collect();
+    let t1 = zscore(&brain.t1.data, Some(&mask))?;
+    let t2 = zscore(&brain.t2.data, Some(&mask))?;
+    let held_out = |v: &[u8]| -> Vec<u8> {
+        v.iter()
+            .enumerate()
+            .filter(|(i, _)| i % dims[0] >= 49)
+            .map(|(_, &l)| l)
+            .collect()
+    };
+    let truth = held_out(&brain.labels);
+    let modes = [
+        (
+            "segment.windows32_step8".to_string(),
+            SegmentOptions::default(),
+        ),
+        (
+            format!("segment.tiles{tile}"),
+            SegmentOptions::tiles(tile, 16, model.input_multiple(), dims)?,
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, opts) in modes {
+        // Recording one forward compiles the pipelines: a whole-volume run is timed
+        // without a warm-up run of its own (it would double the benchmark's time).
+        match forward_flops(ctx, model, store, opts.patch) {
+            Ok(_) | Err(crate::Error::Limit(_)) => {} // segment_volume shrinks the tile
+            Err(e) => return Err(e),
+        }
+        let mut labels = Vec::new();
+        let mut ran = (0, opts.patch);
+        let mut times = Vec::new();
+        ctx.wait()?;
+        ctx.pool.reset_peak();
+        for _ in 0..reps.max(1) {
+            let t = Instant::now();
+            let s = segment_volume(ctx, model, store, &t1, &t2, &mask, dims, opts, |_, _| {})?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            labels = s.labels;
+            ran = (s.windows, s.used.patch);
+        }
+        times.sort_by(f64::total_cmp);
+        let ms = times[times.len() / 2];
+        let peak = ctx.pool.memory().peak_in_use;
+        let flops = ran.0 as f64 * forward_flops(ctx, model, store, ran.1)?;
+        let pred = held_out(&labels);
+        let mut d = 0.0;
+        for class in 1..=3u8 {
+            d += dice(&pred, &truth, class)? / 3.0;
+        }
+        out.push(BenchResult {
+            name,
+            ms,
+            gflops: flops / (ms * 1e6),
+            adapter: ctx.adapter_name(),
+            peak_mib: Some(mib(peak)),
+            dice: Some(d),
+        });
+    }
+    Ok(out)
+}
+
+/// FLOPs of one forward pass of `model` on a `patch`³ window (shapes only: nothing runs).
+fn forward_flops(
+    ctx: &GpuContext,
+    model: &crate::nn::Model,
+    store: &crate::autograd::ParamStore,
+    patch: usize,
+) -> Result<f64> {
+    use crate::autograd::{Graph, Mode};
+    let (c, _) = model.channels();
+    let mut g = Graph::no_grad(ctx, Mode::Eval);
+    let xv = g.input(Tensor::zeros(
+        ctx,
+        Shape5::new(1, c, patch, patch, patch),
+        "x",
+    )?);
+    model.forward(&mut g, store, xv, 0)?;
+    Ok(g.forward_flops())
 }

@@ -5,12 +5,15 @@ mod commands;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use masnet_wgpu::bench::{
-    bench_conv_backward_w1, bench_conv_forward, bench_dunet_forward, bench_mixacb, conv_workloads,
-    BenchResult,
+    bench_conv_backward_w1, bench_conv_forward, bench_dunet_forward, bench_mixacb, bench_segment,
+    bench_train_step, conv_workloads, BenchResult,
 };
 use masnet_wgpu::gpu::list_adapters;
+use masnet_wgpu::nn::io::load_model;
 use masnet_wgpu::ops::Conv3dVariant;
+use masnet_wgpu::segment::inference_form;
 use masnet_wgpu::{BackendChoice, GpuContext, GpuOptions};
+use std::path::PathBuf;
 
 /// GPU engine for 3D-MASNet (DU-Net + MixACB) infant brain MRI segmentation, on any
 /// Vulkan, Metal, DX12 or GL adapter.
@@ -138,6 +141,12 @@ enum BenchSuite {
     Mixacb,
     /// DU-Net+MixACB forward on a 32^3 patch in each form
     Dunet,
+    /// DU-Net+MixACB training step (paper configuration, 32^3 patches) at batch 2, and at
+    /// the paper's batch 16 where the adapter's binding limit allows; peak memory
+    Train,
+    /// Segmentation of the embedded brain with --model (default: the demo's
+    /// demo-output/fused.safetensors): 32^3 windows at step 8 vs whole-volume tiles
+    Segment,
     /// Everything above
     All,
 }
@@ -156,6 +165,12 @@ struct BenchArgs {
     /// Only workloads whose name contains this text
     #[arg(long)]
     filter: Option<String>,
+    /// Model for the segment suite
+    #[arg(long, default_value = "demo-output/fused.safetensors")]
+    model: PathBuf,
+    /// Tile edge of the segment suite's whole-volume mode
+    #[arg(long, default_value_t = 128)]
+    tile: usize,
 }
 
 fn info(args: &GpuArgs) -> Result<()> {
@@ -209,9 +224,23 @@ fn print_results(results: &[BenchResult], json: bool) -> Result<()> {
     if let Some(r) = results.first() {
         println!("adapter: {}", r.adapter);
     }
-    println!("{:<24} {:>10} {:>10}", "benchmark", "ms", "GFLOP/s");
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>6}",
+        "benchmark", "ms", "GFLOP/s", "peak MiB", "Dice"
+    );
+    let opt = |v: Option<f64>, digits: usize| {
+        v.map(|x| format!("{x:.digits$}"))
+            .unwrap_or_else(|| "-".into())
+    };
     for r in results {
-        println!("{:<24} {:>10.2} {:>10.2}", r.name, r.ms, r.gflops);
+        println!(
+            "{:<28} {:>10.2} {:>10.2} {:>10} {:>6}",
+            r.name,
+            r.ms,
+            r.gflops,
+            opt(r.peak_mib, 1),
+            opt(r.dice, 3)
+        );
     }
     Ok(())
 }
@@ -230,8 +259,40 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
     if wants(BenchSuite::Dunet) {
         extra.extend(bench_dunet_forward(&ctx, args.reps).context("benchmark dunet")?);
     }
+    if wants(BenchSuite::Train) {
+        extra.push(bench_train_step(&ctx, 2, args.reps).context("benchmark training step")?);
+        match bench_train_step(&ctx, 16, args.reps) {
+            Ok(r) => extra.push(r),
+            // The paper's batch needs buffers above some adapters' binding limit.
+            Err(masnet_wgpu::Error::Limit(why)) => {
+                eprintln!("dunet.train_step.b16: not run on this adapter: {why}")
+            }
+            Err(e) => return Err(e).context("benchmark training step, batch 16"),
+        }
+    }
+    if wants(BenchSuite::Segment) {
+        if args.model.exists() {
+            let (model, store, _) = load_model(&ctx, &args.model)
+                .with_context(|| format!("loading {}", args.model.display()))?;
+            let (model, store) = inference_form(&ctx, model, store)?;
+            extra.extend(
+                bench_segment(&ctx, &model, &store, args.tile, args.reps.min(3))
+                    .context("benchmark segmentation")?,
+            );
+        } else if matches!(args.suite, BenchSuite::Segment) {
+            anyhow::bail!(
+                "{} not found: run `masnet-wgpu demo` first or pass --model",
+                args.model.display()
+            );
+        } else {
+            eprintln!(
+                "segment suite skipped: {} not found (run `masnet-wgpu demo` first)",
+                args.model.display()
+            );
+        }
+    }
     match args.suite {
-        BenchSuite::Mixacb | BenchSuite::Dunet => {}
+        BenchSuite::Mixacb | BenchSuite::Dunet | BenchSuite::Train | BenchSuite::Segment => {}
         BenchSuite::Conv | BenchSuite::All => {
             for w in conv_workloads() {
                 if args
@@ -326,7 +387,7 @@ fn summary(gpu: &GpuArgs, args: &SummaryArgs) -> Result<()> {
 }
 
 fn fuse(gpu: &GpuArgs, args: &FuseArgs) -> Result<()> {
-    use masnet_wgpu::nn::io::{load_model, save_model};
+    use masnet_wgpu::nn::io::save_model;
     use masnet_wgpu::nn::ModelForm;
     let ctx = gpu.open()?;
     let (model, store, ckpt) = load_model(&ctx, &args.model)?;

@@ -519,6 +519,14 @@ impl<'c> Trainer<'c> {
         }
     }
 
+    /// One optimisation step on a batch outside the loop (benchmarks): images
+    /// `[B, C, p, p, p]`, class ids `[B, 1, p, p, p]` with p = the run's patch.
+    pub fn train_step(&mut self, x: &[f32], y: &[f32], lr: f32) -> Result<f64> {
+        let p = self.state.options.patch;
+        let c = self.model.channels().0;
+        self.step(x, y, c, [p; 3], lr)
+    }
+
     /// One optimisation step; returns the loss (cross-entropy + L2 term).
     fn step(&mut self, x: &[f32], y: &[f32], c: usize, patch: [usize; 3], lr: f32) -> Result<f64> {
         let ctx = self.ctx;

@@ -2,6 +2,7 @@
 //! instead of allocating every step.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Usage of every tensor buffer: bound as storage, copied to and from.
@@ -20,6 +21,33 @@ pub const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 pub struct BufferPool {
     free: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
     recent: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
+    stats: Arc<PoolStats>,
+}
+
+/// Byte counters of a pool (size-class bytes, i.e. what the driver allocated).
+#[derive(Default)]
+struct PoolStats {
+    /// Bytes of buffers on loan (live tensors).
+    in_use: AtomicU64,
+    /// Highest `in_use` since the last [`BufferPool::reset_peak`].
+    peak_in_use: AtomicU64,
+    /// Bytes of every buffer the pool holds from the driver (on loan or free).
+    held: AtomicU64,
+    /// Highest `held` since the last reset.
+    peak_held: AtomicU64,
+}
+
+/// Memory use of the tensors of a context, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Live tensors now.
+    pub in_use: u64,
+    /// Most live tensor bytes at once since the last reset: what the work needs.
+    pub peak_in_use: u64,
+    /// Bytes the pool holds from the driver now (live + cached for reuse).
+    pub held: u64,
+    /// Most bytes held at once since the last reset: the GPU memory it took.
+    pub peak_held: u64,
 }
 
 /// Rounds a byte size up to its class: at most 1/8 (12.5 %) larger, multiple of 256.
@@ -66,6 +94,8 @@ impl BufferPool {
             }
         });
         let buffer = reused.unwrap_or_else(|| {
+            let held = self.stats.held.fetch_add(class, Ordering::Relaxed) + class;
+            self.stats.peak_held.fetch_max(held, Ordering::Relaxed);
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("tensor"),
                 size: class,
@@ -73,6 +103,8 @@ impl BufferPool {
                 mapped_at_creation: false,
             })
         });
+        let used = self.stats.in_use.fetch_add(class, Ordering::Relaxed) + class;
+        self.stats.peak_in_use.fetch_max(used, Ordering::Relaxed);
         PooledBuffer {
             buffer: Some(buffer),
             pool: self.clone(),
@@ -91,15 +123,43 @@ impl BufferPool {
 
     /// Releases every free buffer to the driver.
     pub fn trim(&self) {
+        let released = self.free_bytes();
         if let Ok(mut m) = self.free.lock() {
             m.clear();
         }
         if let Ok(mut m) = self.recent.lock() {
             m.clear();
         }
+        self.stats.held.fetch_sub(
+            released.min(self.stats.held.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Current and peak memory of the pool's buffers.
+    pub fn memory(&self) -> MemoryReport {
+        let s = &self.stats;
+        MemoryReport {
+            in_use: s.in_use.load(Ordering::Relaxed),
+            peak_in_use: s.peak_in_use.load(Ordering::Relaxed),
+            held: s.held.load(Ordering::Relaxed),
+            peak_held: s.peak_held.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Starts a new peak measurement from the current use.
+    pub fn reset_peak(&self) {
+        let s = &self.stats;
+        s.peak_in_use
+            .store(s.in_use.load(Ordering::Relaxed), Ordering::Relaxed);
+        s.peak_held
+            .store(s.held.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     fn give_back(&self, buffer: wgpu::Buffer) {
+        self.stats
+            .in_use
+            .fetch_sub(buffer.size(), Ordering::Relaxed);
         if let Ok(mut m) = self.recent.lock() {
             m.entry(buffer.size()).or_default().push(buffer);
         }
