@@ -62,6 +62,19 @@ pub fn conv3d_backward_input(
     transposed_conv(ctx, rec, grad_out, weight, None, grad_in, spec, variant)
 }
 
+/// [`conv3d_backward_input`] with a concrete kernel (no tuning).
+pub fn conv3d_backward_input_kernel(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    grad_out: ChannelSlice<'_>,
+    weight: &Tensor,
+    grad_in: ChannelSlice<'_>,
+    spec: &Conv3dSpec,
+    kernel: ConvKernel,
+) -> Result<()> {
+    transposed_conv_kernel(ctx, rec, grad_out, weight, None, grad_in, spec, kernel)
+}
+
 /// The input gradient of `spec`'s convolution as an operator (a transposed convolution):
 /// `dst = conv3d_backward_input(src) + bias`. Shared with `conv_transpose3d`.
 #[allow(clippy::too_many_arguments)]

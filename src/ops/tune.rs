@@ -123,10 +123,13 @@ pub fn cache_path() -> Option<PathBuf> {
     Some(base.join("masnet-wgpu").join("tune.json"))
 }
 
-fn read_file(path: &PathBuf) -> BTreeMap<String, TuneEntry> {
+/// The file's entries; an unreadable or corrupt file counts as empty (one warning line
+/// when `warn`).
+fn read_file(path: &PathBuf, warn: bool) -> BTreeMap<String, TuneEntry> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(_) if !warn => return BTreeMap::new(),
         Err(e) => {
             eprintln!(
                 "warning: ignoring unreadable tuning cache {}: {e}",
@@ -137,6 +140,7 @@ fn read_file(path: &PathBuf) -> BTreeMap<String, TuneEntry> {
     };
     match serde_json::from_str::<CacheFile>(&text) {
         Ok(f) if f.version == FILE_VERSION => f.entries,
+        Ok(_) | Err(_) if !warn => BTreeMap::new(),
         Ok(f) => {
             eprintln!(
                 "warning: ignoring tuning cache {} of version {} (expected {FILE_VERSION})",
@@ -158,11 +162,7 @@ fn read_file(path: &PathBuf) -> BTreeMap<String, TuneEntry> {
 /// Merges `key` into the file (re-read first: another process may have added entries)
 /// and replaces it atomically (temporary file + rename). Failures warn, never fail.
 fn write_entry(path: &PathBuf, key: &str, entry: &TuneEntry) {
-    let mut entries = if path.exists() {
-        read_file(path)
-    } else {
-        BTreeMap::new()
-    };
+    let mut entries = read_file(path, false);
     entries.insert(key.to_string(), entry.clone());
     let file = CacheFile {
         version: FILE_VERSION,
@@ -231,7 +231,10 @@ pub(crate) fn resolve(
     let path = cache_path();
     let cached = with_state(|s| {
         if s.loaded.as_ref() != Some(&path) {
-            s.entries = path.as_ref().map(read_file).unwrap_or_default();
+            s.entries = path
+                .as_ref()
+                .map(|p| read_file(p, true))
+                .unwrap_or_default();
             s.loaded = Some(path.clone());
         }
         s.entries.get(&key).map(|e| e.kernel)
@@ -300,7 +303,10 @@ pub(crate) fn median_ms(reps: usize, mut run: impl FnMut() -> Result<()>) -> Res
 pub fn cached_entries(ctx: &GpuContext) -> Vec<(String, TuneEntry)> {
     let prefix = format!("{} || ", adapter_key(ctx));
     let path = cache_path();
-    let mut entries = path.as_ref().map(read_file).unwrap_or_default();
+    let mut entries = path
+        .as_ref()
+        .map(|p| read_file(p, false))
+        .unwrap_or_default();
     with_state(|s| {
         for (k, v) in &s.entries {
             entries.insert(k.clone(), v.clone());
