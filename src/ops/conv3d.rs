@@ -197,7 +197,7 @@ pub(crate) fn resolve_auto(
     op: &str,
     class: &str,
     cout: usize,
-    time: impl FnMut(ConvKernel) -> Result<f64>,
+    time: impl FnMut(ConvKernel, f64) -> Result<f64>,
 ) -> Result<(ConvKernel, TuneSource)> {
     if let Ok(v) = std::env::var("MASNET_CONV_VARIANT") {
         let v = Conv3dVariant::parse(&v)
@@ -524,14 +524,14 @@ pub fn conv3d_forward_choice(
         cout,
         oshape.n() * oshape.voxels(),
     );
-    resolve_auto(ctx, "conv3d.fwd", &class, cout, |kernel| {
+    resolve_auto(ctx, "conv3d.fwd", &class, cout, |kernel, give_up| {
         let _settled = ctx.pool.settled_only();
         let x = Tensor::empty(ctx, input, "tune x")?;
         let w = Tensor::empty(ctx, weight, "tune w")?;
         let b = Tensor::empty(ctx, Shape5::new(1, cout, 1, 1, 1), "tune b")?;
         let out = Tensor::empty(ctx, oshape, "tune out")?;
         zero_fill(ctx, &[&x, &w, &b, &out]);
-        tune::median_ms(3, || {
+        tune::median_ms(3, give_up, || {
             let mut r = ctx.recorder();
             conv3d_forward_kernel(
                 ctx,

@@ -142,14 +142,14 @@ pub fn backward_input_choice(
         cin,
         input.n() * input.voxels(),
     );
-    resolve_auto(ctx, "conv3d.bwd_input", &class, cin, |kernel| {
+    resolve_auto(ctx, "conv3d.bwd_input", &class, cin, |kernel, give_up| {
         let _settled = ctx.pool.settled_only();
         let g = Tensor::empty(ctx, oshape, "tune dy")?;
         let w = Tensor::empty(ctx, weight, "tune w")?;
         let b = Tensor::empty(ctx, Shape5::new(1, cin, 1, 1, 1), "tune b")?;
         let dx = Tensor::empty(ctx, input, "tune dx")?;
         zero_fill(ctx, &[&g, &w, &b, &dx]);
-        tune::median_ms(3, || {
+        tune::median_ms(3, give_up, || {
             let mut r = ctx.recorder();
             transposed_conv_kernel(
                 ctx,

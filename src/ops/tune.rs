@@ -216,8 +216,9 @@ pub fn shape_class(
     )
 }
 
-/// Looks up `op`/`class` for this adapter, or times every candidate with `time` (which
-/// must submit and wait; it returns milliseconds of one run) and caches the fastest.
+/// Looks up `op`/`class` for this adapter, or times every candidate with
+/// `time(kernel, give_up_ms)` (which submits and waits, and returns median milliseconds,
+/// stopping early once a run exceeds `give_up_ms`) and caches the fastest.
 /// Candidates that fail (e.g. too much workgroup memory) are skipped; if all fail, the
 /// first error is returned.
 pub(crate) fn resolve(
@@ -225,7 +226,7 @@ pub(crate) fn resolve(
     op: &str,
     class: &str,
     candidates: &[ConvKernel],
-    mut time: impl FnMut(ConvKernel) -> Result<f64>,
+    mut time: impl FnMut(ConvKernel, f64) -> Result<f64>,
 ) -> Result<(ConvKernel, TuneSource)> {
     let key = format!("{} || {op} | {class}", adapter_key(ctx));
     let path = cache_path();
@@ -248,7 +249,9 @@ pub(crate) fn resolve(
     let mut timings = Vec::new();
     let mut first_err = None;
     for &k in candidates {
-        match time(k).and_then(|ms| ctx.check("conv3d autotuning").map(|_| ms)) {
+        // A candidate 1.5x slower than the best so far is not run again.
+        let give_up = best.map_or(f64::INFINITY, |(_, b)| 1.5 * b);
+        match time(k, give_up).and_then(|ms| ctx.check("conv3d autotuning").map(|_| ms)) {
             Ok(ms) => {
                 timings.push((k.label(), ms));
                 if best.is_none_or(|(_, b)| ms < b) {
@@ -281,8 +284,13 @@ pub(crate) fn resolve(
 }
 
 /// Median wall milliseconds of `reps` runs of `run` (each submits and waits) after one
-/// warm-up run (pipeline compilation); stops early once the runs took over a second.
-pub(crate) fn median_ms(reps: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+/// warm-up run (pipeline compilation); stops early once the runs took over a second or
+/// one run took over `give_up_ms`.
+pub(crate) fn median_ms(
+    reps: usize,
+    give_up_ms: f64,
+    mut run: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     run()?;
     let start = Instant::now();
     let mut t = Vec::with_capacity(reps);
@@ -290,7 +298,7 @@ pub(crate) fn median_ms(reps: usize, mut run: impl FnMut() -> Result<()>) -> Res
         let s = Instant::now();
         run()?;
         t.push(s.elapsed().as_secs_f64() * 1e3);
-        if start.elapsed().as_secs_f64() > 1.0 {
+        if start.elapsed().as_secs_f64() > 1.0 || t.last().is_some_and(|&ms| ms > give_up_ms) {
             break;
         }
     }
