@@ -5,7 +5,11 @@
 mod common;
 
 use common::{assert_close, gpu, random, variants};
-use masnet_wgpu::ops::conv3d::{conv3d_forward, conv3d_forward_cpu, Conv3dSpec, Conv3dVariant};
+use masnet_wgpu::ops::conv3d::{
+    conv3d_forward, conv3d_forward_cpu, conv3d_forward_kernel, Conv3dSpec, Conv3dVariant,
+    ConvKernel,
+};
+use masnet_wgpu::ops::conv3d_gemm::GemmTile;
 use masnet_wgpu::{GpuContext, Shape5, Tensor};
 
 /// Relative and absolute tolerance of GPU f32 against the f64-accumulated reference.
@@ -27,6 +31,11 @@ struct Case {
 }
 
 fn run_case(ctx: &GpuContext, c: &Case, variant: Conv3dVariant, seed: u64) {
+    run_case_on(ctx, c, Ok(variant), seed);
+}
+
+/// Runs `c` with a variant (through `conv3d_forward`) or a concrete kernel.
+fn run_case_on(ctx: &GpuContext, c: &Case, which: Result<Conv3dVariant, ConvKernel>, seed: u64) {
     let [d, h, w] = c.size;
     let x = random([c.n, c.cin_total, d, h, w], seed);
     let [kd, kh, kw] = c.kernel;
@@ -53,18 +62,18 @@ fn run_case(ctx: &GpuContext, c: &Case, variant: Conv3dVariant, seed: u64) {
     let sentinel = vec![7.5f32; oshape.numel().unwrap()];
     let out = Tensor::from_slice(ctx, oshape, &sentinel, "out").unwrap();
     let mut rec = ctx.recorder();
-    conv3d_forward(
-        ctx,
-        &mut rec,
+    let (xs, os) = (
         xt.channels(c.in_off, c.cin).unwrap(),
-        &wt_t,
-        c.bias.then_some(&bt),
         out.channels(c.out_off, c.cout).unwrap(),
-        &c.spec,
-        variant,
-    )
+    );
+    let b = c.bias.then_some(&bt);
+    match which {
+        Ok(v) => conv3d_forward(ctx, &mut rec, xs, &wt_t, b, os, &c.spec, v),
+        Err(k) => conv3d_forward_kernel(ctx, &mut rec, xs, &wt_t, b, os, &c.spec, k),
+    }
     .unwrap();
     ctx.submit(rec);
+    let variant = which;
     let got = out.to_array(ctx).unwrap();
     for nn in 0..c.n {
         for ch in 0..c.out_total {
@@ -269,4 +278,79 @@ fn gl_backend_without_subgroups_matches_cpu() {
     let mut c = simple([3, 1, 3], [5, 7, 9], 6, 11);
     c.spec = c.spec.with_stride([2, 1, 2]).with_relu(true);
     run_case(&ctx, &c, Conv3dVariant::Auto, 77);
+}
+
+/// Every GEMM tile on sizes that are not multiples of it: M = N·D·H·W, Cout and
+/// K = ceil(Cin/4)·27 cross tile edges; Cin 1, Cout 1, 13, 17, 33, 65; channel offsets
+/// on both sides with sentinels around the written range.
+#[test]
+fn gemm_tiles_cover_ragged_edges() {
+    let ctx = gpu();
+    let tiles = [
+        GemmTile::M64_N32,
+        GemmTile::M64_N64,
+        GemmTile::M32_N32,
+        GemmTile::M64_N16,
+        GemmTile {
+            bm: 16,
+            bn: 8,
+            bk: 3,
+            tm: 1,
+            tn: 2,
+        },
+    ];
+    let cases = [(1, 1), (1, 13), (13, 17), (6, 33), (9, 65), (17, 1)];
+    for (i, &(cin, cout)) in cases.iter().enumerate() {
+        let mut c = simple([3, 3, 3], [5, 6, 7], cin, cout);
+        c.cin_total = cin + 3;
+        c.in_off = 2;
+        c.out_total = cout + 4;
+        c.out_off = 3;
+        c.bias = i % 2 == 0;
+        c.spec = c.spec.with_relu(i % 3 == 0);
+        for t in tiles {
+            run_case_on(&ctx, &c, Err(ConvKernel::Gemm(t)), 300 + i as u64);
+        }
+    }
+    // Stride and asymmetric kernels with padding on one side only.
+    let mut c = simple([1, 3, 5], [7, 5, 9], 5, 19);
+    c.spec = Conv3dSpec {
+        stride: [2, 1, 3],
+        pad_lo: [0, 1, 2],
+        pad_hi: [1, 0, 0],
+        relu: true,
+    };
+    for t in tiles {
+        run_case_on(&ctx, &c, Err(ConvKernel::Gemm(t)), 320);
+    }
+}
+
+#[test]
+fn gemm_tile_and_variant_parsing() {
+    assert_eq!(GemmTile::parse("64x32x8x8x4"), Some(GemmTile::M64_N32));
+    assert_eq!(
+        GemmTile::parse("64x32x8x4x4"),
+        None,
+        "8x8 = 64 lanes, 16 given"
+    );
+    assert_eq!(GemmTile::parse("48x32x8x6x4"), None, "BM must divide 64");
+    assert_eq!(GemmTile::parse("64x32"), None);
+    assert!(GemmTile::M64_N64.validate().is_ok());
+    assert_eq!(Conv3dVariant::parse("GEMM").unwrap(), Conv3dVariant::Gemm);
+    let e = Conv3dVariant::parse("fast").unwrap_err().to_string();
+    assert!(e.contains("unknown conv3d variant 'fast'"), "{e}");
+}
+
+/// The GEMM kernel needs no subgroups: it must be right on GL too.
+#[test]
+fn gl_backend_runs_the_gemm_kernel() {
+    let opts = masnet_wgpu::GpuOptions {
+        backend: masnet_wgpu::BackendChoice::Gl,
+        ..Default::default()
+    };
+    let ctx = GpuContext::new(&opts).expect("a GL adapter (Mesa llvmpipe on CI)");
+    let mut c = simple([3, 3, 1], [5, 7, 9], 6, 21);
+    c.spec = c.spec.with_stride([2, 1, 2]).with_relu(true);
+    run_case(&ctx, &c, Conv3dVariant::Gemm, 78);
+    run_case_on(&ctx, &c, Err(ConvKernel::Gemm(GemmTile::M64_N64)), 79);
 }

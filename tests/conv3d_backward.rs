@@ -5,11 +5,14 @@
 mod common;
 
 use common::{assert_close, gpu, random, variants};
+use masnet_wgpu::ops::conv3d::ConvKernel;
 use masnet_wgpu::ops::conv3d::{conv3d_forward_f64, Conv3dSpec, Conv3dVariant};
+use masnet_wgpu::ops::conv3d_backward::conv3d_backward_input_kernel;
 use masnet_wgpu::ops::conv3d_backward::{
     conv3d_backward_bias, conv3d_backward_bias_f64, conv3d_backward_input,
     conv3d_backward_input_f64, conv3d_backward_weight, conv3d_backward_weight_f64,
 };
+use masnet_wgpu::ops::conv3d_gemm::GemmTile;
 use masnet_wgpu::rng::Rng;
 use masnet_wgpu::{GpuContext, Shape5, Tensor};
 use ndarray::Array5;
@@ -335,4 +338,74 @@ fn reductions_match_cpu() {
     );
     let mut rec = ctx.recorder();
     assert!(sum_rows(&ctx, &mut rec, &src, chunks + 1, len, &by_row).is_err());
+}
+
+/// The input gradient through every GEMM tile, with channel counts that are not tile
+/// multiples (the GEMM's N is the forward's Cin here, its K the forward's Cout) and
+/// stride 2 (dilated packing).
+#[test]
+fn input_gradient_through_every_gemm_tile() {
+    let ctx = gpu();
+    let spec = Conv3dSpec {
+        stride: [2, 1, 2],
+        pad_lo: [1, 1, 0],
+        pad_hi: [1, 0, 1],
+        relu: false,
+    };
+    for (i, &(cin, cout)) in [(17, 5), (1, 13), (33, 2)].iter().enumerate() {
+        let (n, size, k) = (2, [5, 6, 7], [3, 3, 3]);
+        let wt = random([cout, cin, k[0], k[1], k[2]], 60 + i as u64);
+        let probe = conv3d_forward_f64(
+            &Array5::zeros([n, cin, size[0], size[1], size[2]]),
+            0,
+            &wt.mapv(f64::from),
+            None,
+            &spec,
+        )
+        .unwrap();
+        let os = probe.shape();
+        let g = random([n, cout, os[2], os[3], os[4]], 70 + i as u64);
+        let want = conv3d_backward_input_f64(&g.mapv(f64::from), &wt.mapv(f64::from), size, &spec);
+        let gt = Tensor::from_array(&ctx, &g, "dy").unwrap();
+        let wtt = Tensor::from_array(&ctx, &wt, "w").unwrap();
+        for t in [
+            GemmTile::M64_N32,
+            GemmTile::M64_N64,
+            GemmTile::M32_N32,
+            GemmTile::M64_N16,
+        ] {
+            // Sentinel channels on both sides of the written range.
+            let shape = Shape5::new(n, cin + 2, size[0], size[1], size[2]);
+            let fill = vec![7.5f32; shape.numel().unwrap()];
+            let dx = Tensor::from_slice(&ctx, shape, &fill, "dx").unwrap();
+            let mut rec = ctx.recorder();
+            let dxs = dx.channels(1, cin).unwrap();
+            conv3d_backward_input_kernel(
+                &ctx,
+                &mut rec,
+                gt.all(),
+                &wtt,
+                dxs,
+                &spec,
+                ConvKernel::Gemm(t),
+            )
+            .unwrap();
+            ctx.submit(rec);
+            let got = dx.to_array(&ctx).unwrap();
+            let inside: Vec<f32> = got
+                .slice(ndarray::s![.., 1..1 + cin, .., .., ..])
+                .iter()
+                .copied()
+                .collect();
+            assert_close(&inside, &flat(&want), RTOL, ATOL, &format!("gemm {t:?} dx"));
+            for ch in [0, cin + 1] {
+                assert!(
+                    got.slice(ndarray::s![.., ch, .., .., ..])
+                        .iter()
+                        .all(|&v| v == 7.5),
+                    "gemm {t:?} wrote sentinel channel {ch}"
+                );
+            }
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! instead of allocating every step.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Usage of every tensor buffer: bound as storage, copied to and from.
@@ -21,6 +21,7 @@ pub const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 pub struct BufferPool {
     free: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
     recent: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
+    settled_only: Arc<AtomicUsize>,
     stats: Arc<PoolStats>,
 }
 
@@ -50,6 +51,16 @@ pub struct MemoryReport {
     pub peak_held: u64,
 }
 
+/// While alive, every [`BufferPool::take`] behaves like [`BufferPool::take_settled`]
+/// (see [`BufferPool::settled_only`]).
+pub struct SettledOnly(Arc<AtomicUsize>);
+
+impl Drop for SettledOnly {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Rounds a byte size up to its class: at most 1/8 (12.5 %) larger, multiple of 256.
 pub fn size_class(bytes: u64) -> u64 {
     let b = bytes.max(256);
@@ -69,6 +80,14 @@ impl BufferPool {
         self.take_from(device, bytes, false)
     }
 
+    /// Until the guard drops, hands out only settled buffers: for work submitted on its
+    /// own while another recording is open (the autotuner), which runs before that
+    /// recording's pending commands and so must not reuse buffers they may still read.
+    pub fn settled_only(&self) -> SettledOnly {
+        self.settled_only.fetch_add(1, Ordering::SeqCst);
+        SettledOnly(self.settled_only.clone())
+    }
+
     /// Marks every buffer released so far as settled (call after each submission).
     pub fn settle(&self) {
         let (Ok(mut recent), Ok(mut free)) = (self.recent.lock(), self.free.lock()) else {
@@ -86,6 +105,7 @@ impl BufferPool {
                 .ok()
                 .and_then(|mut m| m.get_mut(&class).and_then(|v| v.pop()))
         };
+        let allow_recent = allow_recent && self.settled_only.load(Ordering::SeqCst) == 0;
         let reused = pop(&self.free).or_else(|| {
             if allow_recent {
                 pop(&self.recent)

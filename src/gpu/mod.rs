@@ -5,7 +5,7 @@ mod buffer_pool;
 mod dispatch;
 mod pipeline;
 
-pub use buffer_pool::{BufferPool, MemoryReport, PooledBuffer};
+pub use buffer_pool::{BufferPool, MemoryReport, PooledBuffer, SettledOnly};
 pub use dispatch::{workgroup_grid, WorkgroupGrid};
 pub use pipeline::{Binding, CachedPipeline, PipelineCache, PipelineKey};
 

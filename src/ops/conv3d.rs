@@ -4,7 +4,9 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{workgroup_grid, Binding, GpuContext, PipelineKey, Recorder};
+use crate::ops::conv3d_gemm::{gemm_packed, GemmConv, GemmTile};
 use crate::ops::params::{dispatch, uniform_u32};
+use crate::ops::tune::{self, TuneSource};
 use crate::tensor::{ChannelSlice, Shape5, Tensor};
 use ndarray::Array5;
 
@@ -93,6 +95,121 @@ pub enum Conv3dVariant {
     Tiled,
     /// Register-tiled kernel sharing weights through subgroup shuffles.
     Subgroup,
+    /// Workgroup-shared tiled implicit GEMM (`ops::conv3d_gemm`), runs everywhere.
+    /// The weight gradient has no GEMM kernel yet and runs its best other kernel.
+    Gemm,
+}
+
+impl Conv3dVariant {
+    /// Parses `auto|tiled|subgroup|gemm` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Self::Auto),
+            "tiled" => Ok(Self::Tiled),
+            "subgroup" => Ok(Self::Subgroup),
+            "gemm" => Ok(Self::Gemm),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown conv3d variant '{other}' (expected auto, tiled, subgroup or gemm)"
+            ))),
+        }
+    }
+}
+
+/// A concrete conv3d kernel: what a variant (`Auto` through the tuner) resolves to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ConvKernel {
+    /// The register-tiled kernel.
+    Tiled,
+    /// The register-tiled kernel with subgroup shuffles.
+    Subgroup,
+    /// The workgroup-shared GEMM kernel with this tile.
+    Gemm(GemmTile),
+}
+
+impl ConvKernel {
+    /// The variant that runs this kernel family.
+    pub fn variant(&self) -> Conv3dVariant {
+        match self {
+            Self::Tiled => Conv3dVariant::Tiled,
+            Self::Subgroup => Conv3dVariant::Subgroup,
+            Self::Gemm(_) => Conv3dVariant::Gemm,
+        }
+    }
+
+    /// Short name, e.g. `tiled`, `gemm 64x32x8`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Tiled => "tiled".into(),
+            Self::Subgroup => "subgroup".into(),
+            Self::Gemm(t) => format!("gemm {}", t.label()),
+        }
+    }
+
+    /// The kernel an explicit `variant` names (`None` for `Auto`); errors if the
+    /// subgroup kernel is asked for on an adapter without usable subgroups.
+    pub fn for_variant(
+        ctx: &GpuContext,
+        variant: Conv3dVariant,
+        cout: usize,
+    ) -> Result<Option<Self>> {
+        Ok(match variant {
+            Conv3dVariant::Auto => None,
+            Conv3dVariant::Tiled => Some(Self::Tiled),
+            Conv3dVariant::Subgroup => {
+                subgroup_size_for(ctx, Conv3dVariant::Subgroup)?;
+                Some(Self::Subgroup)
+            }
+            Conv3dVariant::Gemm => Some(Self::Gemm(GemmTile::for_channels(cout))),
+        })
+    }
+
+    /// The fixed choice without tuning: subgroup kernel where usable, else tiled.
+    pub fn heuristic(ctx: &GpuContext) -> Self {
+        if usable_subgroup(ctx).is_some() {
+            Self::Subgroup
+        } else {
+            Self::Tiled
+        }
+    }
+
+    /// What the tuner times for `cout` output channels on this adapter.
+    pub fn candidates(ctx: &GpuContext, cout: usize) -> Vec<Self> {
+        let mut v = Vec::new();
+        if usable_subgroup(ctx).is_some() {
+            v.push(Self::Subgroup);
+        }
+        v.push(Self::Tiled);
+        let mem = ctx.limits.max_compute_workgroup_storage_size as usize;
+        v.extend(
+            GemmTile::candidates(cout)
+                .into_iter()
+                .filter(|t| t.shared_bytes() <= mem)
+                .map(Self::Gemm),
+        );
+        v
+    }
+}
+
+/// Resolves `Auto` for one call: `MASNET_CONV_VARIANT` if set, else the heuristic when
+/// tuning is off, else the tuner (`time` runs one candidate and returns its ms).
+pub(crate) fn resolve_auto(
+    ctx: &GpuContext,
+    op: &str,
+    class: &str,
+    cout: usize,
+    time: impl FnMut(ConvKernel, f64) -> Result<f64>,
+) -> Result<(ConvKernel, TuneSource)> {
+    if let Ok(v) = std::env::var("MASNET_CONV_VARIANT") {
+        let v = Conv3dVariant::parse(&v)
+            .map_err(|e| Error::InvalidArgument(format!("MASNET_CONV_VARIANT: {e}")))?;
+        if let Some(k) = ConvKernel::for_variant(ctx, v, cout)? {
+            return Ok((k, TuneSource::Forced));
+        }
+    }
+    if !tune::enabled() {
+        return Ok((ConvKernel::heuristic(ctx), TuneSource::Disabled));
+    }
+    tune::resolve(ctx, op, class, &ConvKernel::candidates(ctx, cout), time)
 }
 
 /// Checks every shape involved and returns the output shape `conv3d_forward` writes.
@@ -283,11 +400,12 @@ pub(crate) fn tile_for(cout: usize) -> ConvTile {
 }
 
 /// The subgroup size the kernel may rely on for `variant`, or `None` for the tiled kernel.
+/// (`Gemm` here means the weight gradient's best non-GEMM kernel, as `Auto`.)
 pub(crate) fn subgroup_size_for(ctx: &GpuContext, variant: Conv3dVariant) -> Result<Option<u32>> {
-    let usable = ctx.subgroup_size.filter(|&s| s >= 8);
+    let usable = usable_subgroup(ctx);
     match variant {
         Conv3dVariant::Tiled => Ok(None),
-        Conv3dVariant::Auto => Ok(usable),
+        Conv3dVariant::Auto | Conv3dVariant::Gemm => Ok(usable),
         Conv3dVariant::Subgroup => usable.map(Some).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "conv3d subgroup kernel needs fixed subgroups of 8 or more; '{}' has none",
@@ -295,6 +413,10 @@ pub(crate) fn subgroup_size_for(ctx: &GpuContext, variant: Conv3dVariant) -> Res
             ))
         }),
     }
+}
+
+fn usable_subgroup(ctx: &GpuContext) -> Option<u32> {
+    ctx.subgroup_size.filter(|&s| s >= 8)
 }
 
 pub(crate) fn grid_for(ctx: &GpuContext, workgroups: usize) -> Result<crate::gpu::WorkgroupGrid> {
@@ -308,22 +430,14 @@ pub(crate) fn u32s(vals: &[usize]) -> Result<Vec<u32>> {
     vals.iter().map(|&v| as_u32(v, "a size")).collect()
 }
 
-/// Records `output[:, range] = conv3d(input[:, range], weight) + bias` (ReLU if asked).
-///
-/// `weight` is `[Cout, Cin, kd, kh, kw]`; `bias` holds `Cout` values (any shape).
-/// The input range and weight are first packed (4 channels per vec4, zero borders);
-/// see `shaders/conv3d.wgsl`.
-#[allow(clippy::too_many_arguments)]
-pub fn conv3d_forward(
-    ctx: &GpuContext,
-    rec: &mut Recorder,
-    input: ChannelSlice<'_>,
+/// Checks a forward call's operands and returns the output shape the call writes.
+fn forward_check(
+    input: &ChannelSlice<'_>,
     weight: &Tensor,
     bias: Option<&Tensor>,
-    output: ChannelSlice<'_>,
+    output: &ChannelSlice<'_>,
     spec: &Conv3dSpec,
-    variant: Conv3dVariant,
-) -> Result<()> {
+) -> Result<Shape5> {
     let ishape = input.tensor.shape();
     let bias_len = bias.map(|b| b.shape().numel()).transpose()?;
     let expect = conv3d_check(
@@ -351,27 +465,155 @@ pub fn conv3d_forward(
             input.tensor.name
         )));
     }
-    let sub = subgroup_size_for(ctx, variant)?;
+    Ok(expect)
+}
+
+/// Records `output[:, range] = conv3d(input[:, range], weight) + bias` (ReLU if asked).
+///
+/// `weight` is `[Cout, Cin, kd, kh, kw]`; `bias` holds `Cout` values (any shape).
+/// The input range and weight are first packed (4 channels per vec4, zero borders);
+/// see `shaders/conv3d.wgsl` and `shaders/conv3d_gemm.wgsl`. `Auto` resolves through
+/// [`conv3d_forward_choice`] (may time the candidates once per shape class, submitting
+/// its own work; the caller's recording is left untouched).
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d_forward(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    input: ChannelSlice<'_>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    output: ChannelSlice<'_>,
+    spec: &Conv3dSpec,
+    variant: Conv3dVariant,
+) -> Result<()> {
+    let expect = forward_check(&input, weight, bias, &output, spec)?;
+    let kernel = match ConvKernel::for_variant(ctx, variant, expect.c())? {
+        Some(k) => k,
+        None => {
+            let s = input.tensor.shape();
+            let ishape = Shape5::new(
+                s.n(),
+                input.count,
+                s.spatial()[0],
+                s.spatial()[1],
+                s.spatial()[2],
+            );
+            conv3d_forward_choice(ctx, ishape, weight.shape(), bias.is_some(), spec)?.0
+        }
+    };
+    conv3d_forward_kernel(ctx, rec, input, weight, bias, output, spec, kernel)
+}
+
+/// What `Auto` runs for a forward on `input` (all its channels are used) x `weight`:
+/// the cached or freshly timed kernel, the heuristic when tuning is off, or the family
+/// `MASNET_CONV_VARIANT` names. Timing submits and waits on its own temporaries.
+pub fn conv3d_forward_choice(
+    ctx: &GpuContext,
+    input: Shape5,
+    weight: Shape5,
+    bias: bool,
+    spec: &Conv3dSpec,
+) -> Result<(ConvKernel, TuneSource)> {
+    let cout = weight.0[0];
+    let oshape = conv3d_check(input, (0, input.c()), weight, bias.then_some(cout), spec)?;
+    let [_, cin, kd, kh, kw] = weight.0;
+    let class = tune::shape_class(
+        [kd, kh, kw],
+        spec.stride,
+        cin,
+        cout,
+        oshape.n() * oshape.voxels(),
+    );
+    resolve_auto(ctx, "conv3d.fwd", &class, cout, |kernel, give_up| {
+        let _settled = ctx.pool.settled_only();
+        let x = Tensor::empty(ctx, input, "tune x")?;
+        let w = Tensor::empty(ctx, weight, "tune w")?;
+        let b = Tensor::empty(ctx, Shape5::new(1, cout, 1, 1, 1), "tune b")?;
+        let out = Tensor::empty(ctx, oshape, "tune out")?;
+        zero_fill(ctx, &[&x, &w, &b, &out]);
+        tune::median_ms(3, give_up, || {
+            let mut r = ctx.recorder();
+            conv3d_forward_kernel(
+                ctx,
+                &mut r,
+                x.all(),
+                &w,
+                bias.then_some(&b),
+                out.all(),
+                spec,
+                kernel,
+            )?;
+            ctx.submit(r);
+            ctx.wait()
+        })
+    })
+}
+
+/// Submits zero fills of `tensors` (tuning temporaries: contents must not be NaN or
+/// denormal garbage that could skew timings).
+pub(crate) fn zero_fill(ctx: &GpuContext, tensors: &[&Tensor]) {
+    let mut r = ctx.recorder();
+    for t in tensors {
+        r.encoder.clear_buffer(t.buffer(), 0, Some(t.bytes()));
+    }
+    ctx.submit(r);
+}
+
+/// [`conv3d_forward`] with a concrete kernel (no tuning).
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d_forward_kernel(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    input: ChannelSlice<'_>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    output: ChannelSlice<'_>,
+    spec: &Conv3dSpec,
+    kernel: ConvKernel,
+) -> Result<()> {
+    let expect = forward_check(&input, weight, bias, &output, spec)?;
     let [cout, cin, kd, kh, kw] = weight.shape().0;
-    let tile = tile_for(cout);
     let [od, oh, ow] = expect.spatial();
     let [sd, sh, sw] = spec.stride;
     let c4 = cin.div_ceil(4);
-    let x_tiles = ow.div_ceil(tile.tx);
-    // Packed extents: exactly what the output positions read (the last W tile included).
-    let (dp, hp, wp) = (
-        (od - 1) * sd + kd,
-        (oh - 1) * sh + kh,
-        (x_tiles * tile.tx - 1) * sw + kw,
-    );
-    let packed_in = pack_input(
-        ctx,
-        rec,
-        input,
-        [1, 1, 1],
-        spec.pad_lo.map(|p| p as isize),
-        [dp, hp, wp],
-    )?;
+    let pad = spec.pad_lo.map(|p| p as isize);
+    // Packed extents: exactly what the output positions read (for the tiled kernels,
+    // the last W tile included).
+    let ext = |tx: usize| {
+        [
+            (od - 1) * sd + kd,
+            (oh - 1) * sh + kh,
+            (ow.div_ceil(tx) * tx - 1) * sw + kw,
+        ]
+    };
+    if let ConvKernel::Gemm(tile) = kernel {
+        let padded = ext(1);
+        let packed_in = pack_input(ctx, rec, input, [1, 1, 1], pad, padded)?;
+        let packed_w = pack_weight(ctx, rec, weight, false, tile.bn)?;
+        return gemm_packed(
+            ctx,
+            rec,
+            &GemmConv {
+                input: &packed_in,
+                weight: &packed_w,
+                c4,
+                kernel: [kd, kh, kw],
+                stride: spec.stride,
+                padded,
+                tile,
+            },
+            bias,
+            output,
+            spec.relu,
+        );
+    }
+    let sub = match kernel {
+        ConvKernel::Subgroup => subgroup_size_for(ctx, Conv3dVariant::Subgroup)?,
+        _ => None,
+    };
+    let tile = tile_for(cout);
+    let padded = ext(tile.tx);
+    let packed_in = pack_input(ctx, rec, input, [1, 1, 1], pad, padded)?;
     let packed_w = pack_weight(ctx, rec, weight, false, tile.tc)?;
     conv_packed(
         ctx,
@@ -382,7 +624,7 @@ pub fn conv3d_forward(
             c4,
             kernel: [kd, kh, kw],
             stride: spec.stride,
-            padded: [dp, hp, wp],
+            padded,
             tile,
             subgroup: sub,
         },

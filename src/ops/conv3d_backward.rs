@@ -13,10 +13,13 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, GpuContext, PipelineKey, Recorder};
 use crate::ops::conv3d::{
     as_u32, conv3d_check, conv_packed, for_each_tap, grid_for, pack_input, pack_weight,
-    subgroup_size_for, tile_for, u32s, Conv3dSpec, Conv3dVariant, PackedConv,
+    resolve_auto, subgroup_size_for, tile_for, u32s, zero_fill, Conv3dSpec, Conv3dVariant,
+    ConvKernel, PackedConv,
 };
+use crate::ops::conv3d_gemm::{gemm_packed, GemmConv};
 use crate::ops::params::{dispatch, uniform_u32};
 use crate::ops::reduce::{sum_chunks, sum_rows};
+use crate::ops::tune::{self, TuneSource};
 use crate::tensor::{ChannelSlice, Shape5, Tensor};
 use ndarray::Array5;
 
@@ -59,6 +62,19 @@ pub fn conv3d_backward_input(
     transposed_conv(ctx, rec, grad_out, weight, None, grad_in, spec, variant)
 }
 
+/// [`conv3d_backward_input`] with a concrete kernel (no tuning).
+pub fn conv3d_backward_input_kernel(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    grad_out: ChannelSlice<'_>,
+    weight: &Tensor,
+    grad_in: ChannelSlice<'_>,
+    spec: &Conv3dSpec,
+    kernel: ConvKernel,
+) -> Result<()> {
+    transposed_conv_kernel(ctx, rec, grad_out, weight, None, grad_in, spec, kernel)
+}
+
 /// The input gradient of `spec`'s convolution as an operator (a transposed convolution):
 /// `dst = conv3d_backward_input(src) + bias`. Shared with `conv_transpose3d`.
 #[allow(clippy::too_many_arguments)]
@@ -72,12 +88,31 @@ pub(crate) fn transposed_conv(
     spec: &Conv3dSpec,
     variant: Conv3dVariant,
 ) -> Result<()> {
-    let gi = grad_in.tensor.shape();
+    check_transposed(&grad_out, weight, &grad_in, spec)?;
+    let cin = weight.shape().0[1];
+    let kernel = match ConvKernel::for_variant(ctx, variant, cin)? {
+        Some(k) => k,
+        None => {
+            let gi = grad_in.tensor.shape();
+            let [id, ih, iw] = gi.spatial();
+            let ishape = Shape5::new(gi.n(), grad_in.count, id, ih, iw);
+            backward_input_choice(ctx, ishape, weight.shape(), bias.is_some(), spec)?.0
+        }
+    };
+    transposed_conv_kernel(ctx, rec, grad_out, weight, bias, grad_in, spec, kernel)
+}
+
+fn check_transposed(
+    grad_out: &ChannelSlice<'_>,
+    weight: &Tensor,
+    grad_in: &ChannelSlice<'_>,
+    spec: &Conv3dSpec,
+) -> Result<()> {
     check_grad_out(
-        gi,
+        grad_in.tensor.shape(),
         (grad_in.offset, grad_in.count),
         weight.shape(),
-        &grad_out,
+        grad_out,
         spec,
         "conv3d_backward_input",
     )?;
@@ -86,17 +121,101 @@ pub(crate) fn transposed_conv(
             "conv3d_backward_input: gradient input and output are the same tensor".into(),
         ));
     }
-    let sub = subgroup_size_for(ctx, variant)?;
+    Ok(())
+}
+
+/// What `Auto` runs for the input gradient of a convolution of `input` (its shape; all
+/// channels used) x `weight` (see `conv3d::conv3d_forward_choice`).
+pub fn backward_input_choice(
+    ctx: &GpuContext,
+    input: Shape5,
+    weight: Shape5,
+    bias: bool,
+    spec: &Conv3dSpec,
+) -> Result<(ConvKernel, TuneSource)> {
+    let [cout, cin, kd, kh, kw] = weight.0;
+    let oshape = conv3d_check(input, (0, input.c()), weight, None, spec)?;
+    let class = tune::shape_class(
+        [kd, kh, kw],
+        spec.stride,
+        cout,
+        cin,
+        input.n() * input.voxels(),
+    );
+    resolve_auto(ctx, "conv3d.bwd_input", &class, cin, |kernel, give_up| {
+        let _settled = ctx.pool.settled_only();
+        let g = Tensor::empty(ctx, oshape, "tune dy")?;
+        let w = Tensor::empty(ctx, weight, "tune w")?;
+        let b = Tensor::empty(ctx, Shape5::new(1, cin, 1, 1, 1), "tune b")?;
+        let dx = Tensor::empty(ctx, input, "tune dx")?;
+        zero_fill(ctx, &[&g, &w, &b, &dx]);
+        tune::median_ms(3, give_up, || {
+            let mut r = ctx.recorder();
+            transposed_conv_kernel(
+                ctx,
+                &mut r,
+                g.all(),
+                &w,
+                bias.then_some(&b),
+                dx.all(),
+                spec,
+                kernel,
+            )?;
+            ctx.submit(r);
+            ctx.wait()
+        })
+    })
+}
+
+/// [`transposed_conv`] with a concrete kernel (no tuning).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn transposed_conv_kernel(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    grad_out: ChannelSlice<'_>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    grad_in: ChannelSlice<'_>,
+    spec: &Conv3dSpec,
+    kernel: ConvKernel,
+) -> Result<()> {
+    check_transposed(&grad_out, weight, &grad_in, spec)?;
+    let gi = grad_in.tensor.shape();
     let [cout, cin, kd, kh, kw] = weight.shape().0;
     let k = [kd, kh, kw];
     let [id, ih, iw] = gi.spatial();
-    let tile = tile_for(cin);
-    let x_tiles = iw.div_ceil(tile.tx);
-    let ext = [id - 1 + kd, ih - 1 + kh, x_tiles * tile.tx - 1 + kw];
+    let ext = |tx: usize| [id - 1 + kd, ih - 1 + kh, iw.div_ceil(tx) * tx - 1 + kw];
     // Gradient voxel o sits at dilated position o * s; the mirrored kernel then needs
     // k - 1 - pad_lo positions before it.
     let pad: [isize; 3] = std::array::from_fn(|a| k[a] as isize - 1 - spec.pad_lo[a] as isize);
-    let packed_g = pack_input(ctx, rec, grad_out, spec.stride, pad, ext)?;
+    if let ConvKernel::Gemm(tile) = kernel {
+        let padded = ext(1);
+        let packed_g = pack_input(ctx, rec, grad_out, spec.stride, pad, padded)?;
+        let packed_w = pack_weight(ctx, rec, weight, true, tile.bn)?;
+        return gemm_packed(
+            ctx,
+            rec,
+            &GemmConv {
+                input: &packed_g,
+                weight: &packed_w,
+                c4: cout.div_ceil(4),
+                kernel: k,
+                stride: [1, 1, 1],
+                padded,
+                tile,
+            },
+            bias,
+            grad_in,
+            false,
+        );
+    }
+    let sub = match kernel {
+        ConvKernel::Subgroup => subgroup_size_for(ctx, Conv3dVariant::Subgroup)?,
+        _ => None,
+    };
+    let tile = tile_for(cin);
+    let padded = ext(tile.tx);
+    let packed_g = pack_input(ctx, rec, grad_out, spec.stride, pad, padded)?;
     let packed_w = pack_weight(ctx, rec, weight, true, tile.tc)?;
     conv_packed(
         ctx,
@@ -107,7 +226,7 @@ pub(crate) fn transposed_conv(
             c4: cout.div_ceil(4),
             kernel: k,
             stride: [1, 1, 1],
-            padded: ext,
+            padded,
             tile,
             subgroup: sub,
         },

@@ -5,6 +5,7 @@ pub mod adam;
 pub mod batchnorm;
 pub mod conv3d;
 pub mod conv3d_backward;
+pub mod conv3d_gemm;
 pub mod conv_transpose3d;
 pub mod elementwise;
 pub mod loss;
@@ -12,14 +13,16 @@ pub mod matmul;
 pub(crate) mod params;
 pub mod pool;
 pub mod reduce;
+pub mod tune;
 pub mod upsample;
 
-pub use conv3d::{conv3d, conv3d_forward, Conv3dSpec, Conv3dVariant};
+pub use conv3d::{conv3d, conv3d_forward, Conv3dSpec, Conv3dVariant, ConvKernel};
 
 /// Every shader the engine compiles, in its specialised forms (name, WGSL source).
 pub fn shader_variants() -> Vec<(String, String)> {
     let mut v = conv3d::shader_variants();
     v.extend(conv3d_backward::shader_variants());
+    v.extend(conv3d_gemm::shader_variants());
     v.extend(reduce::shader_variants());
     v.extend(elementwise::shader_variants());
     v.extend(batchnorm::shader_variants());

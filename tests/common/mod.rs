@@ -44,9 +44,9 @@ pub fn assert_close(a: &[f32], b: &[f32], rtol: f32, atol: f32, what: &str) {
 }
 
 /// The conv3d kernel variants this adapter can run (the subgroup one needs fixed
-/// subgroups of 8 or more).
+/// subgroups of 8 or more; tiled and gemm run everywhere).
 pub fn variants(ctx: &GpuContext) -> Vec<Conv3dVariant> {
-    let mut v = vec![Conv3dVariant::Tiled];
+    let mut v = vec![Conv3dVariant::Tiled, Conv3dVariant::Gemm];
     if ctx.subgroup_size.is_some_and(|s| s >= 8) {
         v.push(Conv3dVariant::Subgroup);
     }
