@@ -213,7 +213,7 @@ impl Volume {
 /// Reads one 3-D volume (see the module docs for formats). A 4-D or higher image is
 /// accepted only when it holds a single volume (t = 1).
 pub fn read(path: &Path) -> Result<Volume> {
-    let mut v = read_guarded(path, false)?;
+    let mut v = read_guarded(path, || read_inner(path, false))?;
     v.pop()
         .ok_or_else(|| Error::InvalidArgument(format!("{}: no volume in the file", path.display())))
 }
@@ -221,7 +221,32 @@ pub fn read(path: &Path) -> Result<Volume> {
 /// Reads a 4-D file (x, y, z, c), e.g. probability maps from [`write_4d_like`], as one
 /// 3-D volume per channel; a 3-D file gives one channel. Dims 5..7 must be 1.
 pub fn read_channels(path: &Path) -> Result<Vec<Volume>> {
-    read_guarded(path, true)
+    read_guarded(path, || read_inner(path, true))
+}
+
+/// [`read`] on files held in memory, through the same parser: `bytes` is the file
+/// `path` (a `.nii`/`.nii.gz`, or the `.hdr` when `img` gives the pair's image file);
+/// a name ending in `.gz` means gzip. The names only pick the compression and name the
+/// files in errors; nothing is opened.
+pub fn read_from_bytes(path: &Path, bytes: &[u8], img: Option<(&Path, &[u8])>) -> Result<Volume> {
+    let mut v = read_guarded(path, || {
+        let img = img.map(|(p, b)| -> (PathBuf, DataOpener<'_>) {
+            (
+                p.to_path_buf(),
+                Box::new(move || Ok((decoder(p, b), b.len() as u64))),
+            )
+        });
+        read_streams(
+            path,
+            path,
+            decoder(path, bytes),
+            bytes.len() as u64,
+            img,
+            false,
+        )
+    })?;
+    v.pop()
+        .ok_or_else(|| Error::InvalidArgument(format!("{}: no volume in the file", path.display())))
 }
 
 /// Voxel type of a written file.
@@ -1076,17 +1101,20 @@ fn unit_to_mm(xyzt_units: u8) -> f64 {
 }
 
 /// sform if set and usable, else qform if set and usable, else diag(|pixdim|) — scaled to mm.
+/// Usable means finite and non-singular in mm: a finite matrix in metres (a NIfTI-2 f64
+/// up to 1.8e308) can overflow to ±Inf when converted.
 fn affine_of(h: &Header, unit: f64) -> [[f64; 4]; 4] {
     let usable = |m: &[[f64; 4]; 3]| m.iter().flatten().all(|v| v.is_finite()) && det3(m) != 0.0;
-    let finish = |m: [[f64; 4]; 3]| {
-        let s = |r: [f64; 4]| r.map(|v| v * unit);
-        [s(m[0]), s(m[1]), s(m[2]), [0.0, 0.0, 0.0, 1.0]]
-    };
-    if h.format != Format::Analyze && h.sform_code > 0 && usable(&h.srow) {
-        return finish(h.srow);
+    let in_mm = |m: [[f64; 4]; 3]| m.map(|r| r.map(|v| v * unit));
+    let finish = |m: [[f64; 4]; 3]| [m[0], m[1], m[2], [0.0, 0.0, 0.0, 1.0]];
+    if h.format != Format::Analyze && h.sform_code > 0 {
+        let s = in_mm(h.srow);
+        if usable(&s) {
+            return finish(s);
+        }
     }
     if h.format != Format::Analyze && h.qform_code > 0 {
-        let q = qform_matrix(h);
+        let q = in_mm(qform_matrix(h));
         if usable(&q) {
             return finish(q);
         }
@@ -1099,11 +1127,11 @@ fn affine_of(h: &Header, unit: f64) -> [[f64; 4]; 4] {
             1.0
         }
     };
-    finish([
+    finish(in_mm([
         [p(1), 0.0, 0.0, 0.0],
         [0.0, p(2), 0.0, 0.0],
         [0.0, 0.0, p(3), 0.0],
-    ])
+    ]))
 }
 
 /// NIfTI-1 "method 2" (nifti1_io.c `quatern_to_mat44`).
@@ -1262,14 +1290,20 @@ fn open(path: &Path) -> Result<(Box<dyn Read>, u64)> {
             path.display()
         )));
     }
-    let r = BufReader::new(f);
-    let r: Box<dyn Read> = if is_gz(path) {
+    Ok((decoder(path, BufReader::new(f)), meta.len()))
+}
+
+/// `r` as is, or gunzipped when `path` ends in `.gz`.
+fn decoder<'a>(path: &Path, r: impl Read + 'a) -> Box<dyn Read + 'a> {
+    if is_gz(path) {
         Box::new(MultiGzDecoder::new(r))
     } else {
         Box::new(r)
-    };
-    Ok((r, meta.len()))
+    }
 }
+
+/// Opens the data file of a pair (after its header has been checked): reader and size.
+type DataOpener<'a> = Box<dyn FnOnce() -> Result<(Box<dyn Read + 'a>, u64)> + 'a>;
 
 /// A read error while parsing: short reads and bad gzip data are format problems.
 fn read_error(path: &Path, what: &str, e: io::Error) -> Error {
@@ -1291,10 +1325,8 @@ fn read_error(path: &Path, what: &str, e: io::Error) -> Error {
     }
 }
 
-fn read_guarded(path: &Path, allow_channels: bool) -> Result<Vec<Volume>> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        read_inner(path, allow_channels)
-    })) {
+fn read_guarded<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
         Ok(r) => r,
         Err(p) => {
             let msg = p
@@ -1312,16 +1344,35 @@ fn read_guarded(path: &Path, allow_channels: bool) -> Result<Vec<Volume>> {
 }
 
 fn read_inner(path: &Path, allow_channels: bool) -> Result<Vec<Volume>> {
-    let origin = path.display().to_string();
-    let files = classify(path)?;
-    let hdr_path = match &files {
-        Files::Single { path } => path.clone(),
-        Files::Pair { hdr, .. } => hdr.clone(),
+    let (hdr_path, img) = match classify(path)? {
+        Files::Single { path } => (path, None),
+        Files::Pair { hdr, img } => {
+            let opener: DataOpener<'static> = {
+                let img = img.clone();
+                Box::new(move || open(&img))
+            };
+            (hdr, Some((img, opener)))
+        }
     };
-    let (mut hr, hdr_len) = open(&hdr_path)?;
+    let (hr, hdr_len) = open(&hdr_path)?;
+    read_streams(path, &hdr_path, hr, hdr_len, img, allow_channels)
+}
+
+/// Parses an image whose header file `hdr_path` is `hr` (`hdr_len` bytes on disk): the
+/// data follow in `hr`, or come from the pair's image file `img` (opened only once the
+/// header is valid). `path` is the name the caller gave.
+fn read_streams<'a>(
+    path: &Path,
+    hdr_path: &Path,
+    mut hr: Box<dyn Read + 'a>,
+    hdr_len: u64,
+    img: Option<(PathBuf, DataOpener<'a>)>,
+    allow_channels: bool,
+) -> Result<Vec<Volume>> {
+    let origin = path.display().to_string();
     let mut buf = vec![0u8; NIFTI2_HEADER];
     hr.read_exact(&mut buf[..NIFTI1_HEADER])
-        .map_err(|e| read_error(&hdr_path, "the 348-byte header", e))?;
+        .map_err(|e| read_error(hdr_path, "the 348-byte header", e))?;
     let size_le = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
     let size_be = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
     let (size, big) = if size_le == 348 || size_le == 540 {
@@ -1337,7 +1388,7 @@ fn read_inner(path: &Path, allow_channels: bool) -> Result<Vec<Volume>> {
     };
     let header = if size == NIFTI2_HEADER {
         hr.read_exact(&mut buf[NIFTI1_HEADER..])
-            .map_err(|e| read_error(&hdr_path, "the 540-byte NIfTI-2 header", e))?;
+            .map_err(|e| read_error(hdr_path, "the 540-byte NIfTI-2 header", e))?;
         let magic = &buf[4..8];
         if magic != b"n+2\0" && magic != b"ni2\0" {
             return Err(Error::InvalidArgument(format!(
@@ -1353,8 +1404,8 @@ fn read_inner(path: &Path, allow_channels: bool) -> Result<Vec<Volume>> {
     let lay = layout(&header, &origin, allow_channels)?;
 
     // The data: same stream after the header, or the .img file.
-    let (mut data_reader, data_path, data_len, consumed) = match files {
-        Files::Single { path: p } => {
+    let (mut data_reader, data_path, data_len, consumed) = match img {
+        None => {
             if !header.single_file {
                 return Err(Error::InvalidArgument(format!(
                     "{origin}: the header ({}) says the voxel data are in a separate .img \
@@ -1366,9 +1417,9 @@ fn read_inner(path: &Path, allow_channels: bool) -> Result<Vec<Volume>> {
                     }
                 )));
             }
-            (hr, p, hdr_len, size as u64)
+            (hr, hdr_path.to_path_buf(), hdr_len, size as u64)
         }
-        Files::Pair { img, .. } => {
+        Some((img, open_img)) => {
             if header.single_file {
                 return Err(Error::InvalidArgument(format!(
                     "{}: the header magic (n+1/n+2) says the data follow the header in the \
@@ -1377,7 +1428,7 @@ fn read_inner(path: &Path, allow_channels: bool) -> Result<Vec<Volume>> {
                 )));
             }
             drop(hr);
-            let (r, len) = open(&img)?;
+            let (r, len) = open_img()?;
             (r, img, len, 0)
         }
     };
