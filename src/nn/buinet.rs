@@ -388,7 +388,7 @@ impl Buinet {
 
     /// Spatial sizes must be multiples of this (`2^blocks`).
     pub fn input_multiple(&self) -> usize {
-        1 << self.config.blocks
+        super::model::pow2(self.config.blocks)
     }
 
     /// Logits `[N, classes, D, H, W]` for input `[N, in_channels, D, H, W]`; spatial

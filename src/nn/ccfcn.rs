@@ -331,7 +331,7 @@ impl Ccfcn {
 
     /// Spatial sizes must be multiples of this (`2^down groups`).
     pub fn input_multiple(&self) -> usize {
-        1 << self.config.encoder_layers.len()
+        super::model::pow2(self.config.encoder_layers.len())
     }
 
     /// Logits `[N, classes, D, H, W]` for input `[N, in_channels, D, H, W]`; spatial

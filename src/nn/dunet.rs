@@ -203,7 +203,7 @@ impl Dunet {
         dropout_seed: u32,
     ) -> Result<Var> {
         let shape = g.value(x)?.shape();
-        let m = 1usize << self.config.levels;
+        let m = super::model::pow2(self.config.levels);
         if shape.c() != self.config.in_channels || shape.spatial().iter().any(|&d| d % m != 0) {
             return Err(Error::Shape(format!(
                 "DU-Net input {shape}: needs {} channels and D, H, W multiples of {m}",

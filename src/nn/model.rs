@@ -207,11 +207,11 @@ impl ModelConfig {
     /// Spatial sizes must be multiples of this (builds nothing on the GPU).
     pub fn input_multiple(&self) -> usize {
         match self {
-            ModelConfig::Dunet(c) => 1 << c.levels,
-            ModelConfig::Ccfcn(c) => 1 << c.encoder_layers.len(),
-            ModelConfig::Unet3d(c) => 1 << c.widths.len().saturating_sub(1),
-            ModelConfig::Nlunet(c) => 1 << c.levels.saturating_sub(1),
-            ModelConfig::Buinet(c) => 1 << c.blocks,
+            ModelConfig::Dunet(c) => pow2(c.levels),
+            ModelConfig::Ccfcn(c) => pow2(c.encoder_layers.len()),
+            ModelConfig::Unet3d(c) => pow2(c.widths.len().saturating_sub(1)),
+            ModelConfig::Nlunet(c) => pow2(c.levels.saturating_sub(1)),
+            ModelConfig::Buinet(c) => pow2(c.blocks),
         }
     }
 }
@@ -244,7 +244,7 @@ impl Network for Dunet {
         self.config.form
     }
     fn input_multiple(&self) -> usize {
-        1 << self.config.levels
+        pow2(self.config.levels)
     }
     fn channels(&self) -> (usize, usize) {
         (self.config.in_channels, self.config.classes)
@@ -252,4 +252,12 @@ impl Network for Dunet {
     fn for_each_bn_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
         Dunet::for_each_bn_mut(self, f)
     }
+}
+
+/// `2^n`, saturating (a level count read from a file must not overflow a shift).
+pub(crate) fn pow2(n: usize) -> usize {
+    u32::try_from(n)
+        .ok()
+        .and_then(|n| 1usize.checked_shl(n))
+        .unwrap_or(usize::MAX)
 }

@@ -278,7 +278,7 @@ pub(crate) fn gemm_packed(
             0,
             0,
         ])?,
-    );
+    )?;
     // Without a bias the kernel never reads binding 2; bind the weight as a stand-in.
     let (bbuf, bbytes) = match bias {
         Some(b) => (b.buffer(), b.bytes()),
