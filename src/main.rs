@@ -42,6 +42,11 @@ struct GpuArgs {
     /// limit, to leave headroom) [env: MASNET_MAX_BINDING]
     #[arg(long, global = true)]
     max_binding: Option<String>,
+    /// Do not time kernel variants; use the fixed choice (subgroup kernel where usable,
+    /// else tiled) [env: MASNET_NO_TUNE=1]. Choices are cached per adapter in
+    /// $XDG_CACHE_HOME/masnet-wgpu/tune.json (MASNET_TUNE_CACHE overrides the path)
+    #[arg(long, global = true)]
+    no_tune: bool,
 }
 
 impl GpuArgs {
@@ -61,6 +66,9 @@ impl GpuArgs {
     }
 
     fn open(&self) -> Result<GpuContext> {
+        if self.no_tune {
+            masnet_wgpu::ops::tune::set_enabled(false);
+        }
         Ok(GpuContext::new(&self.options()?)?)
     }
 }
@@ -171,6 +179,10 @@ struct BenchArgs {
     /// Tile edge of the segment suite's whole-volume mode
     #[arg(long, default_value_t = 128)]
     tile: usize,
+    /// Also time every dispatch on its own and print where the time goes, per pipeline
+    /// (slows the run; the benchmark's own figures then include the profiling overhead)
+    #[arg(long)]
+    profile: bool,
 }
 
 fn info(args: &GpuArgs) -> Result<()> {
@@ -246,7 +258,10 @@ fn print_results(results: &[BenchResult], json: bool) -> Result<()> {
 }
 
 fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
-    let ctx = gpu.open()?;
+    let mut ctx = gpu.open()?;
+    if args.profile {
+        ctx.enable_profiling();
+    }
     let mut results = Vec::new();
     let wants = |s: BenchSuite| {
         matches!(args.suite, BenchSuite::All)
@@ -330,7 +345,25 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
             .as_ref()
             .is_none_or(|f| r.name.contains(f.as_str()))
     }));
-    print_results(&results, args.json)
+    print_results(&results, args.json)?;
+    if args.profile {
+        let mut rows: Vec<_> = ctx.profile().into_iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let total: f64 = rows.iter().map(|r| r.1 .1).sum();
+        println!("\nprofile (each dispatch run alone; copies count with the next dispatch):");
+        println!(
+            "{:<44} {:>9} {:>10} {:>6}",
+            "pipeline", "dispatches", "ms", "%"
+        );
+        for (name, (n, secs)) in rows {
+            println!(
+                "{name:<44} {n:>9} {:>10.1} {:>6.1}",
+                secs * 1e3,
+                100.0 * secs / total.max(1e-12)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn summary(gpu: &GpuArgs, args: &SummaryArgs) -> Result<()> {

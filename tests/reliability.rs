@@ -12,6 +12,15 @@ use std::time::{Duration, Instant};
 fn cmd(env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_masnet-wgpu"));
     c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    // One kernel-choice cache for every run of this file: the reference run tunes, the
+    // others reuse its choices (identical kernels are part of identical results).
+    c.env(
+        "MASNET_TUNE_CACHE",
+        std::env::temp_dir().join(format!(
+            "masnet-reliability-{}-tune.json",
+            std::process::id()
+        )),
+    );
     for (k, v) in env {
         c.env(k, v);
     }

@@ -195,7 +195,11 @@ pub struct GpuContext {
     lost: Arc<Mutex<Option<String>>>,
     open_recorders: Arc<std::sync::atomic::AtomicUsize>,
     max_binding: u64,
+    profile: Option<Mutex<Profile>>,
 }
+
+/// Per-pipeline dispatch counts and GPU wall time (see [`GpuContext::enable_profiling`]).
+pub type Profile = std::collections::BTreeMap<String, (u64, f64)>;
 
 impl GpuContext {
     /// Opens the adapter chosen by `opts` (best one by default).
@@ -281,6 +285,7 @@ impl GpuContext {
             lost,
             open_recorders: Arc::default(),
             max_binding,
+            profile: None,
         })
     }
 
@@ -303,6 +308,43 @@ impl GpuContext {
             Some(why) => Err(Error::DeviceLost(why.clone())),
             None => Ok(()),
         }
+    }
+
+    /// Profiling mode: every dispatch is submitted and waited for on its own and its time
+    /// added to its pipeline's row. Slow (no overlap, one submission per dispatch): for
+    /// finding where time goes, not for measuring totals.
+    pub fn enable_profiling(&mut self) {
+        self.profile = Some(Mutex::default());
+    }
+
+    /// The profile so far (empty unless profiling is enabled).
+    pub fn profile(&self) -> Profile {
+        self.profile
+            .as_ref()
+            .and_then(|p| p.lock().ok().map(|p| p.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Runs what `rec` holds so far and times it under `name` (profiling mode only).
+    pub(crate) fn profile_dispatch(&self, rec: &mut Recorder, name: &str) -> Result<()> {
+        let Some(p) = &self.profile else {
+            return Ok(());
+        };
+        let encoder = std::mem::replace(
+            &mut rec.encoder,
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }),
+        );
+        let t = std::time::Instant::now();
+        self.queue.submit([encoder.finish()]);
+        self.wait()?;
+        let secs = t.elapsed().as_secs_f64();
+        if let Ok(mut p) = p.lock() {
+            let e = p.entry(name.to_string()).or_default();
+            e.0 += 1;
+            e.1 += secs;
+        }
+        Ok(())
     }
 
     /// A buffer holding `contents` (padded to 4 bytes), written through the queue rather

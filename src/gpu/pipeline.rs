@@ -71,6 +71,8 @@ pub struct CachedPipeline {
     pub pipeline: wgpu::ComputePipeline,
     /// Its group-0 layout.
     pub layout: wgpu::BindGroupLayout,
+    /// `shader/entry`, for profiles.
+    pub name: String,
 }
 
 /// Cache of compiled pipelines, shared by all ops of a context.
@@ -161,7 +163,11 @@ impl PipelineCache {
                 message: e.to_string(),
             });
         }
-        let cached = Arc::new(CachedPipeline { pipeline, layout });
+        let cached = Arc::new(CachedPipeline {
+            pipeline,
+            layout,
+            name: format!("{}/{}", key.shader, key.entry),
+        });
         if let Ok(mut m) = self.map.lock() {
             m.insert(key.clone(), cached.clone());
         }

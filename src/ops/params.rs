@@ -61,7 +61,8 @@ pub(crate) fn dispatch(
     pass.set_pipeline(&pipe.pipeline);
     pass.set_bind_group(0, &bg, &[]);
     pass.dispatch_workgroups(grid.dims[0], grid.dims[1], grid.dims[2]);
-    Ok(())
+    drop(pass);
+    ctx.profile_dispatch(rec, &pipe.name)
 }
 
 /// One storage operand of [`launch`].
