@@ -591,6 +591,12 @@ impl Graph<'_> {
         groups: &[ConvGroup],
     ) -> Result<Var> {
         let xt = self.tensor(x)?;
+        if self.grad_enabled() && groups.iter().any(|gr| gr.spec.relu) {
+            // The backward below has no ReLU mask: fused ReLU is for inference graphs.
+            return Err(Error::InvalidArgument(
+                "conv3d_grouped: a fused ReLU needs a no-grad graph; apply relu after it".into(),
+            ));
+        }
         let mut ws = Vec::new();
         let mut bs = Vec::new();
         let mut covered = vec![false; out_channels];

@@ -110,6 +110,24 @@ impl ConvBn {
         }
     }
 
+    /// `relu(forward(x))`; without a BN (folded) the ReLU runs in the conv's epilogue.
+    pub fn forward_relu(
+        &self,
+        g: &mut Graph<'_>,
+        s: &ParamStore,
+        x: Var,
+        offset: usize,
+    ) -> Result<Var> {
+        match &self.bn {
+            Some(bn) => {
+                let y = self.conv.forward_from(g, s, x, offset)?;
+                let y = bn.forward(g, s, y)?;
+                g.relu(y)
+            }
+            None => self.conv.forward_from_relu(g, s, x, offset, true),
+        }
+    }
+
     /// Copies (or with `fold`, folds the BN into) this layer into `b`.
     pub fn convert(
         &self,
@@ -214,6 +232,25 @@ impl Block {
             Block::Mixacb(m) => m.forward(g, s, x, offset),
             Block::Fused(f) => f.forward(g, s, x, offset),
             Block::Conv(c) => c.forward(g, s, x, offset),
+        }
+    }
+
+    /// `relu(forward(x))`, with the ReLU in the convolutions' epilogue where the block
+    /// ends in a convolution (fused MixACB, folded conv).
+    pub fn forward_relu(
+        &self,
+        g: &mut Graph<'_>,
+        s: &ParamStore,
+        x: Var,
+        offset: usize,
+    ) -> Result<Var> {
+        match self {
+            Block::Mixacb(m) => {
+                let y = m.forward(g, s, x, offset)?;
+                g.relu(y)
+            }
+            Block::Fused(f) => f.forward_relu(g, s, x, offset),
+            Block::Conv(c) => c.forward_relu(g, s, x, offset),
         }
     }
 

@@ -413,10 +413,8 @@ impl Buinet {
             )));
         }
         let st = &self.stem;
-        let h = st.conv0.forward(g, s, x, 0)?;
-        let h = g.relu(h)?;
-        let h = st.conv1.forward(g, s, h, 0)?;
-        let h = g.relu(h)?;
+        let h = st.conv0.forward_relu(g, s, x, 0)?;
+        let h = st.conv1.forward_relu(g, s, h, 0)?;
         let features = st.conv2.forward(g, s, h)?;
         let h = st.norm.forward(g, s, features)?;
         let h = g.relu(h)?;
@@ -427,8 +425,7 @@ impl Buinet {
             for layer in layers {
                 let t = layer.norm.forward(g, s, h)?;
                 let t = g.relu(t)?;
-                let t = layer.bottleneck.forward(g, s, t, 0)?;
-                let t = g.relu(t)?;
+                let t = layer.bottleneck.forward_relu(g, s, t, 0)?;
                 let t = layer.block.forward(g, s, t, 0)?;
                 layer_index += 1;
                 let seed =
@@ -446,8 +443,7 @@ impl Buinet {
             if let Some(t) = self.trans.get(d) {
                 let r = t.norm.forward(g, s, h)?;
                 let r = g.relu(r)?;
-                let r = t.reduce.forward(g, s, r, 0)?;
-                let r = g.relu(r)?;
+                let r = t.reduce.forward_relu(g, s, r, 0)?;
                 h = t.pool.forward(g, s, r)?;
             }
         }

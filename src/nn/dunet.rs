@@ -210,16 +210,13 @@ impl Dunet {
                 self.config.in_channels
             )));
         }
-        let mut h = self.init.forward(g, s, x, 0)?;
-        h = g.relu(h)?;
+        let mut h = self.init.forward_relu(g, s, x, 0)?;
         let mut skips = Vec::new();
         let mut layer_index = 0u32;
         for (d, layers) in self.dense.iter().enumerate() {
             for layer in layers {
-                let b = layer.bottleneck.forward(g, s, h, 0)?;
-                let b = g.relu(b)?;
-                let n = layer.block.forward(g, s, b, 0)?;
-                let n = g.relu(n)?;
+                let b = layer.bottleneck.forward_relu(g, s, h, 0)?;
+                let n = layer.block.forward_relu(g, s, b, 0)?;
                 layer_index += 1;
                 let seed =
                     dropout_seed.wrapping_mul(0x9E37_79B1) ^ layer_index.wrapping_mul(0x85EB_CA6B);
@@ -228,10 +225,8 @@ impl Dunet {
             }
             if let Some((reduce, strided)) = self.down.get(d) {
                 skips.push(h);
-                let r = reduce.forward(g, s, h, 0)?;
-                let r = g.relu(r)?;
-                let r = strided.forward(g, s, r, 0)?;
-                h = g.relu(r)?;
+                let r = reduce.forward_relu(g, s, h, 0)?;
+                h = strided.forward_relu(g, s, r, 0)?;
             } else if let Some(u) = self.up.get(d - self.config.levels) {
                 let t = u.up.forward(g, s, h)?;
                 let t = match &u.bn {

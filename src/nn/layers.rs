@@ -155,9 +155,26 @@ impl Conv {
         x: Var,
         offset: usize,
     ) -> Result<Var> {
+        self.forward_from_relu(g, store, x, offset, false)
+    }
+
+    /// [`Conv::forward_from`] with ReLU applied in the convolution's epilogue when
+    /// `relu` (one dispatch for conv + bias + ReLU).
+    pub fn forward_from_relu(
+        &self,
+        g: &mut Graph<'_>,
+        store: &ParamStore,
+        x: Var,
+        offset: usize,
+        relu: bool,
+    ) -> Result<Var> {
         let w = g.param(store, self.weight)?;
         let b = self.bias.map(|b| g.param(store, b)).transpose()?;
-        g.conv3d_channels(x, offset, self.cin, w, b, self.spec)
+        let spec = Conv3dSpec {
+            relu: self.spec.relu || relu,
+            ..self.spec
+        };
+        g.conv3d_channels(x, offset, self.cin, w, b, spec)
     }
 
     /// Applies the convolution to all channels of `x`.

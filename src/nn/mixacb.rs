@@ -359,8 +359,34 @@ impl FusedMixAcb {
         x: Var,
         offset: usize,
     ) -> Result<Var> {
+        self.forward_maybe_relu(g, store, x, offset, false)
+    }
+
+    /// `relu(forward(x))`: in the convolutions' epilogue in no-grad graphs.
+    pub fn forward_relu(
+        &self,
+        g: &mut Graph<'_>,
+        store: &ParamStore,
+        x: Var,
+        offset: usize,
+    ) -> Result<Var> {
+        if g.grad_enabled() {
+            let y = self.forward(g, store, x, offset)?;
+            return g.relu(y);
+        }
+        self.forward_maybe_relu(g, store, x, offset, true)
+    }
+
+    fn forward_maybe_relu(
+        &self,
+        g: &mut Graph<'_>,
+        store: &ParamStore,
+        x: Var,
+        offset: usize,
+        relu: bool,
+    ) -> Result<Var> {
         match self {
-            FusedMixAcb::Merged(conv) => conv.forward_from(g, store, x, offset),
+            FusedMixAcb::Merged(conv) => conv.forward_from_relu(g, store, x, offset, relu),
             FusedMixAcb::Groups { cout, groups } => {
                 let mut gs = Vec::new();
                 for (io, oo, conv) in groups {
@@ -369,7 +395,10 @@ impl FusedMixAcb {
                         out_offset: *oo,
                         weight: g.param(store, conv.weight)?,
                         bias: conv.bias.map(|b| g.param(store, b)).transpose()?,
-                        spec: conv.spec,
+                        spec: Conv3dSpec {
+                            relu: conv.spec.relu || relu,
+                            ..conv.spec
+                        },
                     });
                 }
                 g.conv3d_grouped(x, *cout, &gs)
