@@ -501,14 +501,15 @@ fn check_interleave(input: [usize; 3], kernel: [usize; 3], spec: ConvTranspose3d
 
 #[test]
 fn interleave_kernel_matches_reference() {
-    // keras k3 s2 (8 groups), odd extents.
+    // keras k3 s2 (8 groups), odd extents; output rows of 8 (the vec4-store kernel).
     check_interleave(
         [3, 5, 4],
         [3; 3],
         ConvTranspose3dSpec::keras_same([3; 3], [2; 3]),
         true,
     );
-    // Output padding and crop at both ends, stride 3 and 1, no bias.
+    // Output padding and crop at both ends, stride 3 and 1, no bias; output [9, 8, 2]
+    // (rows of 2: the scalar-store kernel).
     check_interleave(
         [3, 4, 2],
         [4, 2, 3],
@@ -520,7 +521,7 @@ fn interleave_kernel_matches_reference() {
         },
         false,
     );
-    // Kernel below the stride: bias-only positions.
+    // Kernel below the stride: bias-only positions; rows of 12.
     check_interleave(
         [2, 3, 3],
         [1, 2, 3],

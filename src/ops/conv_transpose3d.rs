@@ -367,22 +367,42 @@ impl PhasePlan {
 }
 
 const INTERLEAVE_SRC: &str = include_str!("../../shaders/conv_transpose3d_interleave.wgsl");
-const SECTIONS: [&str; 2] = ["phase_weight", "interleave"];
+/// The compiled forms of `conv_transpose3d_interleave.wgsl`: (entry point, sections).
+const MODULES: [(&str, &[&str]); 3] = [
+    ("phase_weight", &["phase_weight"]),
+    ("interleave", &["interleave", "scalar"]),
+    ("interleave_vec4", &["interleave", "vec4"]),
+];
 
-/// The WGSL of one section of `conv_transpose3d_interleave.wgsl`: the common part
-/// followed by that section.
-fn section(name: &str) -> Result<String> {
+/// The WGSL of `entry`: the common part of `conv_transpose3d_interleave.wgsl` followed
+/// by the sections it needs, in order.
+fn module_source(entry: &str) -> Result<String> {
+    let missing = || {
+        Error::InvalidArgument(format!(
+            "conv_transpose3d: shaders/conv_transpose3d_interleave.wgsl has no entry '{entry}' \
+             or lacks one of its sections"
+        ))
+    };
+    let (_, names) = MODULES
+        .iter()
+        .find(|(e, _)| *e == entry)
+        .ok_or_else(missing)?;
     let mut parts = INTERLEAVE_SRC.split("\n// @section ");
-    let common = parts.next().unwrap_or_default();
-    for part in parts {
-        let (head, body) = part.split_once('\n').unwrap_or((part, ""));
-        if head.trim() == name {
-            return Ok(format!("{common}\n// section {name}\n{body}"));
-        }
+    let mut out = parts.next().unwrap_or_default().to_string();
+    let sections: Vec<(&str, &str)> = parts
+        .map(|part| {
+            let (head, body) = part.split_once('\n').unwrap_or((part, ""));
+            (head.trim(), body)
+        })
+        .collect();
+    for name in names.iter() {
+        let (_, body) = sections
+            .iter()
+            .find(|(h, _)| h == name)
+            .ok_or_else(missing)?;
+        out.push_str(&format!("\n// section {name}\n{body}"));
     }
-    Err(Error::InvalidArgument(format!(
-        "conv_transpose3d: shaders/conv_transpose3d_interleave.wgsl has no section '{name}'"
-    )))
+    Ok(out)
 }
 
 fn check_group(what: &str, plan: &PhasePlan, group: &PhaseGroup) -> Result<()> {
@@ -430,7 +450,7 @@ pub fn conv_transpose3d_phase_weight(
         ctx,
         rec,
         PipelineKey::new("conv_transpose3d_interleave", "phase_weight"),
-        &section("phase_weight")?,
+        &module_source("phase_weight")?,
         &[Arg::Read(weight), Arg::Write(&out)],
         &params,
         total,
@@ -526,12 +546,18 @@ pub fn conv_transpose3d_interleave(
             None => u32::MAX,
         });
     }
+    // Rows of a multiple of 4 voxels (every row then starts on a vec4) store vec4s.
+    let entry = if ow % 4 == 0 {
+        "interleave_vec4"
+    } else {
+        "interleave"
+    };
     // Without a bias the kernel never reads binding 1; bind the phases as a stand-in.
     launch(
         ctx,
         rec,
-        PipelineKey::new("conv_transpose3d_interleave", "interleave"),
-        &section("interleave")?,
+        PipelineKey::new("conv_transpose3d_interleave", entry),
+        &module_source(entry)?,
         &[
             Arg::Read(phases),
             Arg::Read(bias.unwrap_or(phases)),
@@ -801,16 +827,16 @@ pub fn conv_transpose3d_forward_phased_f64(
     Ok(conv_transpose3d_interleave_f64(&phases, &plan, bias))
 }
 
-/// The shaders of this module: the phase weight and interleave kernels (one variant
-/// per section of `conv_transpose3d_interleave.wgsl`), and the gather-form kernel used
-/// by BuiNet's grouped up-sampling (launched from `nn::buinet`).
+/// The shaders of this module: the phase weight and the two interleave kernels (one
+/// module per entry point of `conv_transpose3d_interleave.wgsl`), and the gather-form
+/// kernel used by BuiNet's grouped up-sampling (launched from `nn::buinet`).
 pub fn shader_variants() -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = SECTIONS
+    let mut v: Vec<(String, String)> = MODULES
         .iter()
-        .filter_map(|s| {
-            section(s)
+        .filter_map(|(e, _)| {
+            module_source(e)
                 .ok()
-                .map(|src| (format!("conv_transpose3d_interleave {s}"), src))
+                .map(|src| (format!("conv_transpose3d_interleave {e}"), src))
         })
         .collect();
     v.push((
