@@ -1,9 +1,13 @@
-//! Criterion benchmarks of the conv3d forward workloads (W1, W2, W3) and of the W1
-//! backward (input and weight gradients) on the default adapter; `masnet-wgpu bench
-//! conv` runs the same workloads and prints GFLOP/s.
+//! Criterion benchmarks of the conv3d forward workloads (W1, W2, W3), of the W1
+//! backward (input and weight gradients) and of the transposed-conv forward (phase and
+//! dilated forms) on the default adapter; `masnet-wgpu bench conv` and `bench tconv`
+//! run the same workloads and print GFLOP/s.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use masnet_wgpu::bench::{bench_conv_backward_w1, bench_conv_forward, conv_workloads};
+use masnet_wgpu::bench::{
+    bench_conv_backward_w1, bench_conv_forward, bench_tconv_forward, conv_workloads,
+    tconv_workloads,
+};
 use masnet_wgpu::ops::Conv3dVariant;
 use masnet_wgpu::GpuContext;
 use std::time::Duration;
@@ -50,5 +54,35 @@ fn conv3d_backward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv3d_forward, conv3d_backward);
+fn conv_transpose3d_forward(c: &mut Criterion) {
+    let ctx = GpuContext::from_env().expect("a GPU adapter (see `masnet-wgpu info`)");
+    let mut g = c.benchmark_group("conv_transpose3d");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    for w in tconv_workloads() {
+        for (dilated, name) in [
+            (false, w.name.to_string()),
+            (true, format!("{}.dilated", w.name)),
+        ] {
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let r = bench_tconv_forward(&ctx, &w, dilated, Conv3dVariant::Auto, 1)
+                            .expect("bench");
+                        total += Duration::from_secs_f64(r.ms / 1e3);
+                    }
+                    total
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    conv3d_forward,
+    conv3d_backward,
+    conv_transpose3d_forward
+);
 criterion_main!(benches);

@@ -186,6 +186,102 @@ pub fn bench_conv_backward_w1(ctx: &GpuContext, reps: usize) -> Result<Vec<Bench
     .collect())
 }
 
+/// A transposed-conv forward workload (Keras "same": n -> n * stride).
+#[derive(Clone, Debug)]
+pub struct TconvWorkload {
+    /// Name reported (the dilated form gets `.dilated` appended).
+    pub name: &'static str,
+    /// Batch.
+    pub n: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Input cube edge.
+    pub size: usize,
+    /// Kernel edge.
+    pub kernel: usize,
+    /// Stride (the up-sampling factor).
+    pub stride: usize,
+}
+
+/// The decoder up-sampling workloads: N2 C64->32 16^3 -> 32^3, k=2 and k=3, stride 2.
+pub fn tconv_workloads() -> Vec<TconvWorkload> {
+    let w = |name, kernel| TconvWorkload {
+        name,
+        n: 2,
+        cin: 64,
+        cout: 32,
+        size: 16,
+        kernel,
+        stride: 2,
+    };
+    vec![w("convT.fwd.k2s2", 2), w("convT.fwd.k3s2", 3)]
+}
+
+/// Times one transposed-conv forward workload in the phase form (`dilated`: false, the
+/// operator) or the dilated form it replaced (zeros inserted, dense convolution).
+/// GFLOP/s counts the useful work `2 N Cin Cout k^3 n_in^3` for both.
+pub fn bench_tconv_forward(
+    ctx: &GpuContext,
+    w: &TconvWorkload,
+    dilated: bool,
+    variant: Conv3dVariant,
+    reps: usize,
+) -> Result<BenchResult> {
+    use crate::ops::conv_transpose3d::{
+        conv_transpose3d_check, conv_transpose3d_forward, conv_transpose3d_forward_dilated,
+        ConvTranspose3dSpec,
+    };
+    let mut rng = Rng::new(5);
+    let xs = Shape5::new(w.n, w.cin, w.size, w.size, w.size);
+    let k = w.kernel;
+    let ws = Shape5::new(w.cin, w.cout, k, k, k);
+    let spec = ConvTranspose3dSpec::keras_same([k; 3], [w.stride; 3]);
+    let os = conv_transpose3d_check(xs, w.cin, ws, Some(w.cout), &spec)?;
+    let x = Tensor::from_slice(ctx, xs, &rng.vec_f32(xs.numel()?, -1.0, 1.0), "x")?;
+    let wt = Tensor::from_slice(ctx, ws, &rng.vec_f32(ws.numel()?, -0.1, 0.1), "w")?;
+    let b = Tensor::from_slice(
+        ctx,
+        Shape5::new(1, w.cout, 1, 1, 1),
+        &rng.vec_f32(w.cout, -0.1, 0.1),
+        "b",
+    )?;
+    let out = Tensor::empty(ctx, os, "out")?;
+    let run = if dilated {
+        conv_transpose3d_forward_dilated
+    } else {
+        conv_transpose3d_forward
+    };
+    let ms = median_ms(reps, || {
+        let mut rec = ctx.recorder();
+        run(
+            ctx,
+            &mut rec,
+            x.all(),
+            &wt,
+            Some(&b),
+            out.all(),
+            &spec,
+            variant,
+        )?;
+        ctx.submit(rec);
+        ctx.wait()
+    })?;
+    let flops = 2.0 * xs.numel()? as f64 * (w.cout * k * k * k) as f64;
+    Ok(BenchResult {
+        name: if dilated {
+            format!("{}.dilated", w.name)
+        } else {
+            w.name.to_string()
+        },
+        ms,
+        gflops: flops / (ms * 1e6),
+        adapter: ctx.adapter_name(),
+        ..BenchResult::default()
+    })
+}
+
 /// Times the eval-mode forward of `run` (a graph built by `build`), reporting the
 /// graph's own FLOP count.
 fn bench_graph(

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use masnet_wgpu::bench::{
     bench_conv_backward_w1, bench_conv_forward, bench_dunet_forward, bench_mixacb, bench_segment,
-    bench_train_step, conv_workloads, BenchResult,
+    bench_tconv_forward, bench_train_step, conv_workloads, tconv_workloads, BenchResult,
 };
 use masnet_wgpu::gpu::list_adapters;
 use masnet_wgpu::nn::io::load_model;
@@ -145,6 +145,9 @@ enum BenchSuite {
     /// conv3d forward W1 (N2 C32->32 32^3 3x3x3), W2 (1x3x3, 3x1x3, 3x3x1), W3 (N2 C8->8
     /// 5x5x5), and W1's backward (input and weight gradients)
     Conv,
+    /// Transposed conv forward N2 C64->32 16^3 -> 32^3 (k=2 and k=3, stride 2): phase
+    /// form and the dilated form it replaced, with W1's forward for reference
+    Tconv,
     /// MixACB of a dense layer (N2 C64->16 32^3): branched vs fused vs merged
     Mixacb,
     /// DU-Net+MixACB forward on a 32^3 patch in each form
@@ -274,6 +277,40 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
     if wants(BenchSuite::Dunet) {
         extra.extend(bench_dunet_forward(&ctx, args.reps).context("benchmark dunet")?);
     }
+    if wants(BenchSuite::Tconv) {
+        let named = |name: &str| {
+            args.filter
+                .as_ref()
+                .is_none_or(|f| name.contains(f.as_str()))
+        };
+        // The bar is relative to W1's forward: measure it in the same run (`all` has it).
+        if matches!(args.suite, BenchSuite::Tconv) {
+            let w1 = &conv_workloads()[0];
+            if named(w1.name) {
+                extra.push(
+                    bench_conv_forward(&ctx, w1, Conv3dVariant::Auto, args.reps)
+                        .with_context(|| format!("benchmark {}", w1.name))?,
+                );
+            }
+        }
+        for w in tconv_workloads() {
+            for dilated in [false, true] {
+                if !named(&format!(
+                    "{}{}",
+                    w.name,
+                    if dilated { ".dilated" } else { "" }
+                )) {
+                    continue;
+                }
+                let r = bench_tconv_forward(&ctx, &w, dilated, Conv3dVariant::Auto, args.reps)
+                    .with_context(|| format!("benchmark {}", w.name))?;
+                if !args.json {
+                    eprintln!("{}: {:.2} ms", r.name, r.ms);
+                }
+                extra.push(r);
+            }
+        }
+    }
     if wants(BenchSuite::Train) {
         extra.push(bench_train_step(&ctx, 2, args.reps).context("benchmark training step")?);
         match bench_train_step(&ctx, 16, args.reps) {
@@ -307,7 +344,11 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
         }
     }
     match args.suite {
-        BenchSuite::Mixacb | BenchSuite::Dunet | BenchSuite::Train | BenchSuite::Segment => {}
+        BenchSuite::Mixacb
+        | BenchSuite::Dunet
+        | BenchSuite::Tconv
+        | BenchSuite::Train
+        | BenchSuite::Segment => {}
         BenchSuite::Conv | BenchSuite::All => {
             for w in conv_workloads() {
                 if args

@@ -221,3 +221,431 @@ fn bad_input_is_an_error() {
     let bad = ConvTranspose3dSpec::torch([0, 2, 2], [0; 3], [0; 3]);
     assert!(bad.output_spatial([4; 3], [2; 3]).is_err());
 }
+
+/// One axis of a transposed conv: (input, kernel, stride, pad_lo, pad_hi, output_padding).
+type Axis = (usize, usize, usize, usize, usize, usize);
+
+/// Every small axis geometry `ConvTranspose3dSpec` accepts (checked on that axis alone):
+/// kernels 1..4, strides 1..3 (kernel below, equal to and above the stride), cropping
+/// 0..3 at either end (including more than a kernel's reach), every output padding.
+fn axis_geometries() -> Vec<Axis> {
+    let mut v = Vec::new();
+    for n in 1..=3 {
+        for k in 1..=4 {
+            for s in 1..=3 {
+                for pl in 0..=3 {
+                    for ph in 0..=3 {
+                        for op in 0..s {
+                            let spec = ConvTranspose3dSpec {
+                                stride: [s, 1, 1],
+                                pad_lo: [pl, 0, 0],
+                                pad_hi: [ph, 0, 0],
+                                output_padding: [op, 0, 0],
+                            };
+                            let ok = conv_transpose3d_check(
+                                Shape5::new(1, 1, n, 1, 1),
+                                1,
+                                Shape5::new(1, 1, k, 1, 1),
+                                None,
+                                &spec,
+                            )
+                            .is_ok();
+                            if ok {
+                                v.push((n, k, s, pl, ph, op));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The 3-D geometry with axis configurations `d`, `h`, `w`: (input, kernel, spec).
+fn geometry(d: Axis, h: Axis, w: Axis) -> ([usize; 3], [usize; 3], ConvTranspose3dSpec) {
+    let ax = [d, h, w];
+    (
+        ax.map(|a| a.0),
+        ax.map(|a| a.1),
+        ConvTranspose3dSpec {
+            stride: ax.map(|a| a.2),
+            pad_lo: ax.map(|a| a.3),
+            pad_hi: ax.map(|a| a.4),
+            output_padding: ax.map(|a| a.5),
+        },
+    )
+}
+
+fn max_diff(a: &Array5<f64>, b: &Array5<f64>) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    (a - b).mapv(f64::abs).fold(0.0f64, |m, &v| m.max(v))
+}
+
+#[test]
+fn phase_decomposition_equals_scatter_definition_for_every_geometry() {
+    // CPU only: phase weights + stride-1 convs + interleave against the scatter loop.
+    let axes = axis_geometries();
+    assert!(axes.len() > 300, "{} geometries", axes.len());
+    let len = axes.len();
+    for i in 0..len {
+        let (input, kernel, spec) =
+            geometry(axes[i], axes[(i * 7 + 3) % len], axes[(i * 13 + 5) % len]);
+        let x = arr64([2, 2, input[0], input[1], input[2]], 100 + i as u64);
+        let w = arr64([2, 3, kernel[0], kernel[1], kernel[2]], 200 + i as u64);
+        let b = [0.5, -0.25, 0.125];
+        let want = conv_transpose3d_forward_f64(&x, &w, Some(&b), &spec).unwrap();
+        let got = conv_transpose3d_forward_phased_f64(&x, &w, Some(&b), &spec).unwrap();
+        let d = max_diff(&got, &want);
+        assert!(
+            d < 1e-12,
+            "{input:?} {kernel:?} {spec:?}: max difference {d}"
+        );
+    }
+}
+
+#[test]
+fn phase_plan_of_the_paper_geometries() {
+    // k=2 s=2: one 1x1x1 convolution Cin -> 8 Cout.
+    let p = PhasePlan::new(
+        [5, 4, 3],
+        [2; 3],
+        &ConvTranspose3dSpec::keras_same([2; 3], [2; 3]),
+    )
+    .unwrap();
+    assert_eq!(p.blocks, 8);
+    assert_eq!(p.groups.len(), 1);
+    assert_eq!(p.groups[0].taps, [1; 3]);
+    assert_eq!(p.extent, [5, 4, 3]);
+    // k=3 s=2: eight convolutions with 2 or 1 taps per axis, one class each.
+    let p = PhasePlan::new(
+        [5, 4, 3],
+        [3; 3],
+        &ConvTranspose3dSpec::keras_same([3; 3], [2; 3]),
+    )
+    .unwrap();
+    assert_eq!(p.blocks, 8);
+    assert_eq!(p.groups.len(), 8);
+    assert_eq!(p.groups[0].taps, [2; 3]);
+    assert_eq!(p.groups[7].taps, [1; 3]);
+    assert_eq!(p.extent, [5, 4, 3]);
+    // Kernel below the stride: classes past the kernel have no taps (bias only).
+    let p = PhasePlan::new(
+        [3; 3],
+        [1, 2, 3],
+        &ConvTranspose3dSpec::keras_same([1, 2, 3], [3; 3]),
+    )
+    .unwrap();
+    assert_eq!(p.blocks, 2 * 3);
+    assert_eq!(p.output, [9; 3]);
+}
+
+/// GPU forward (phase path) against the f64 reference: N=2, Cin=3, Cout=5, written into
+/// channels 2..7 of a 9-channel output filled with a sentinel that must survive.
+fn check_forward(input: [usize; 3], kernel: [usize; 3], spec: ConvTranspose3dSpec, seed: u64) {
+    let ctx = gpu();
+    let (n, cin, cout, off, ctot) = (2, 3, 5, 2, 9);
+    let x = random([n, cin + 1, input[0], input[1], input[2]], seed);
+    let w = random([cin, cout, kernel[0], kernel[1], kernel[2]], seed + 1);
+    let b: Vec<f32> = Rng::new(seed + 2).vec_f32(cout, -1.0, 1.0);
+    let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+    // The input range is channels 1..4 of x.
+    let x_in = x.slice(s![.., 1.., .., .., ..]).mapv(f64::from);
+    let want = conv_transpose3d_forward_f64(&x_in, &w.mapv(f64::from), Some(&b64), &spec).unwrap();
+    let ws = want.shape().to_vec();
+    let oshape = Shape5::new(n, ctot, ws[2], ws[3], ws[4]);
+    const SENTINEL: f32 = 7.5;
+    let xt = Tensor::from_array(&ctx, &x, "x").unwrap();
+    let wt = Tensor::from_array(&ctx, &w, "w").unwrap();
+    let bt = Tensor::from_slice(&ctx, Shape5::new(1, cout, 1, 1, 1), &b, "b").unwrap();
+    for v in variants(&ctx) {
+        let yt = Tensor::from_slice(&ctx, oshape, &vec![SENTINEL; oshape.numel().unwrap()], "y")
+            .unwrap();
+        let mut rec = ctx.recorder();
+        conv_transpose3d_forward(
+            &ctx,
+            &mut rec,
+            xt.channels(1, cin).unwrap(),
+            &wt,
+            Some(&bt),
+            yt.channels(off, cout).unwrap(),
+            &spec,
+            v,
+        )
+        .unwrap();
+        ctx.submit(rec);
+        let got = yt.to_array(&ctx).unwrap();
+        let what = format!("{input:?} {kernel:?} {spec:?} {v:?}");
+        let inside: Vec<f32> = got
+            .slice(s![.., off..off + cout, .., .., ..])
+            .iter()
+            .copied()
+            .collect();
+        assert_close(
+            &inside,
+            &flat(&want),
+            RTOL,
+            ATOL,
+            &format!("forward {what}"),
+        );
+        for (c, plane) in got.axis_iter(ndarray::Axis(1)).enumerate() {
+            if !(off..off + cout).contains(&c) {
+                assert!(
+                    plane.iter().all(|&v| v == SENTINEL),
+                    "{what}: channel {c} outside the range was written"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn forward_into_channel_range_for_unusual_geometries() {
+    let axes = axis_geometries();
+    let find = |n, k, s, pl, ph, op| {
+        let a = (n, k, s, pl, ph, op);
+        assert!(axes.contains(&a), "{a:?} is not a valid axis");
+        a
+    };
+    let cases = [
+        // Kernel below the stride (bias-only classes), stride 3, stride 1.
+        (
+            find(3, 1, 2, 0, 0, 1),
+            find(2, 2, 3, 0, 0, 1),
+            find(3, 3, 1, 1, 1, 0),
+        ),
+        // Cropping more than a kernel's reach at the start (torch k=2 s=2 p=1).
+        (
+            find(3, 2, 2, 1, 1, 0),
+            find(3, 2, 2, 2, 0, 1),
+            find(2, 4, 3, 3, 0, 2),
+        ),
+        // Cropping at the end beyond the kernel; k=4 s=2 p=1 (common doubling).
+        (
+            find(3, 2, 2, 0, 2, 1),
+            find(3, 4, 2, 1, 1, 0),
+            find(2, 3, 2, 0, 3, 1),
+        ),
+    ];
+    for (i, (d, h, w)) in cases.into_iter().enumerate() {
+        let (input, kernel, spec) = geometry(d, h, w);
+        check_forward(input, kernel, spec, 300 + 10 * i as u64);
+    }
+    check_forward(
+        [3, 4, 5],
+        [3; 3],
+        ConvTranspose3dSpec::keras_same([3; 3], [2; 3]),
+        400,
+    );
+    check_forward(
+        [3, 4, 5],
+        [2; 3],
+        ConvTranspose3dSpec::keras_same([2; 3], [2; 3]),
+        410,
+    );
+}
+
+/// A random plan-shaped phase tensor through the GPU interleave kernel against the
+/// scatter reference: odd extents, N=2, an output channel range with sentinels around.
+fn check_interleave(input: [usize; 3], kernel: [usize; 3], spec: ConvTranspose3dSpec, bias: bool) {
+    let ctx = gpu();
+    let plan = PhasePlan::new(input, kernel, &spec).unwrap();
+    let (n, cout, off, ctot) = (2, 3, 1, 6);
+    let [td, th, tw] = plan.extent;
+    let ph = random([n, plan.blocks * cout, td, th, tw], 500);
+    let b: Vec<f32> = Rng::new(501).vec_f32(cout, -1.0, 1.0);
+    let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+    let want =
+        conv_transpose3d_interleave_f64(&ph.mapv(f64::from), &plan, bias.then_some(b64.as_slice()));
+    let [od, oh, ow] = plan.output;
+    let oshape = Shape5::new(n, ctot, od, oh, ow);
+    const SENTINEL: f32 = -3.25;
+    let out = Tensor::from_slice(
+        &ctx,
+        oshape,
+        &vec![SENTINEL; oshape.numel().unwrap()],
+        "out",
+    )
+    .unwrap();
+    let pt = Tensor::from_array(&ctx, &ph, "phases").unwrap();
+    let bt = Tensor::from_slice(&ctx, Shape5::new(1, cout, 1, 1, 1), &b, "b").unwrap();
+    let mut rec = ctx.recorder();
+    conv_transpose3d_interleave(
+        &ctx,
+        &mut rec,
+        &pt,
+        &plan,
+        bias.then_some(&bt),
+        out.channels(off, cout).unwrap(),
+    )
+    .unwrap();
+    ctx.submit(rec);
+    let got = out.to_array(&ctx).unwrap();
+    let what = format!("interleave {input:?} {kernel:?} {spec:?} bias {bias}");
+    let inside: Vec<f32> = got
+        .slice(s![.., off..off + cout, .., .., ..])
+        .iter()
+        .copied()
+        .collect();
+    // A copy plus one addition: exact up to the f32 rounding of the sum.
+    assert_close(&inside, &flat(&want), 1e-6, 1e-6, &what);
+    for (c, plane) in got.axis_iter(ndarray::Axis(1)).enumerate() {
+        if !(off..off + cout).contains(&c) {
+            assert!(
+                plane.iter().all(|&v| v == SENTINEL),
+                "{what}: channel {c} written"
+            );
+        }
+    }
+}
+
+#[test]
+fn interleave_kernel_matches_reference() {
+    // keras k3 s2 (8 groups), odd extents; output rows of 8 (the vec4-store kernel).
+    check_interleave(
+        [3, 5, 4],
+        [3; 3],
+        ConvTranspose3dSpec::keras_same([3; 3], [2; 3]),
+        true,
+    );
+    // Output padding and crop at both ends, stride 3 and 1, no bias; output [9, 8, 2]
+    // (rows of 2: the scalar-store kernel).
+    check_interleave(
+        [3, 4, 2],
+        [4, 2, 3],
+        ConvTranspose3dSpec {
+            stride: [3, 2, 1],
+            pad_lo: [2, 1, 1],
+            pad_hi: [1, 0, 1],
+            output_padding: [2, 1, 0],
+        },
+        false,
+    );
+    // Kernel below the stride: bias-only positions; rows of 12.
+    check_interleave(
+        [2, 3, 3],
+        [1, 2, 3],
+        ConvTranspose3dSpec::keras_same([1, 2, 3], [2, 3, 4]),
+        true,
+    );
+}
+
+#[test]
+fn phase_weight_kernel_matches_reference() {
+    let ctx = gpu();
+    for (kernel, spec) in [
+        ([3; 3], ConvTranspose3dSpec::keras_same([3; 3], [2; 3])),
+        (
+            [4, 2, 3],
+            ConvTranspose3dSpec::torch([3, 2, 1], [1, 0, 1], [0, 1, 0]),
+        ),
+    ] {
+        let plan = PhasePlan::new([4; 3], kernel, &spec).unwrap();
+        let w = random([3, 5, kernel[0], kernel[1], kernel[2]], 600);
+        let wt = Tensor::from_array(&ctx, &w, "w").unwrap();
+        for g in &plan.groups {
+            let want = conv_transpose3d_phase_weight_f64(&w.mapv(f64::from), &plan, g);
+            let mut rec = ctx.recorder();
+            let got = conv_transpose3d_phase_weight(&ctx, &mut rec, &wt, &plan, g).unwrap();
+            ctx.submit(rec);
+            assert_eq!(got.shape().0.to_vec(), want.shape().to_vec());
+            // A permutation: exact.
+            assert_close(
+                &got.to_vec(&ctx).unwrap(),
+                &flat(&want),
+                0.0,
+                0.0,
+                &format!("phase weight {kernel:?} {g:?}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn interleave_and_phase_weight_reject_bad_input() {
+    let ctx = gpu();
+    let spec = ConvTranspose3dSpec::keras_same([3; 3], [2; 3]);
+    let plan = PhasePlan::new([2, 3, 4], [3; 3], &spec).unwrap();
+    let cout = 2;
+    let good = Tensor::zeros(&ctx, Shape5::new(1, 8 * cout, 2, 3, 4), "phases").unwrap();
+    let out = Tensor::zeros(&ctx, Shape5::new(1, 3, 4, 6, 8), "out").unwrap();
+    let mut rec = ctx.recorder();
+    let err = |r: masnet_wgpu::Result<()>| r.unwrap_err().to_string();
+    // Phase tensor with the wrong block count, extents or batch.
+    for (shape, name) in [
+        (Shape5::new(1, 7 * cout, 2, 3, 4), "few_blocks"),
+        (Shape5::new(1, 8 * cout, 2, 3, 5), "wrong_extent"),
+        (Shape5::new(2, 8 * cout, 2, 3, 4), "wrong_batch"),
+    ] {
+        let bad = Tensor::zeros(&ctx, shape, name).unwrap();
+        let e = err(conv_transpose3d_interleave(
+            &ctx,
+            &mut rec,
+            &bad,
+            &plan,
+            None,
+            out.channels(1, cout).unwrap(),
+        ));
+        assert!(e.contains(name) && e.contains("blocks"), "{e}");
+    }
+    // Output of the wrong spatial size.
+    let small = Tensor::zeros(&ctx, Shape5::new(1, 2, 4, 6, 7), "small_out").unwrap();
+    let e = err(conv_transpose3d_interleave(
+        &ctx,
+        &mut rec,
+        &good,
+        &plan,
+        None,
+        small.all(),
+    ));
+    assert!(e.contains("small_out") && e.contains("[4, 6, 8]"), "{e}");
+    // Bias of the wrong length.
+    let b3 = Tensor::zeros(&ctx, Shape5::new(1, 3, 1, 1, 1), "b3").unwrap();
+    let e = err(conv_transpose3d_interleave(
+        &ctx,
+        &mut rec,
+        &good,
+        &plan,
+        Some(&b3),
+        out.channels(0, cout).unwrap(),
+    ));
+    assert!(e.contains("b3") && e.contains("2 values"), "{e}");
+    // Phases and output the same tensor.
+    let same = Tensor::zeros(&ctx, Shape5::new(1, 8 * cout, 4, 6, 8), "same").unwrap();
+    let other = PhasePlan::new(
+        [4, 6, 8],
+        [1; 3],
+        &ConvTranspose3dSpec::torch([1; 3], [0; 3], [0; 3]),
+    )
+    .unwrap();
+    assert_eq!(other.blocks, 1);
+    let e = err(conv_transpose3d_interleave(
+        &ctx,
+        &mut rec,
+        &same,
+        &other,
+        None,
+        same.all(),
+    ));
+    assert!(e.contains("same tensor"), "{e}");
+    // Phase weight: a weight of another kernel, a group of another plan.
+    let w2 = Tensor::zeros(&ctx, Shape5::new(2, cout, 2, 2, 2), "w_k2").unwrap();
+    let e = conv_transpose3d_phase_weight(&ctx, &mut rec, &w2, &plan, &plan.groups[0])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("w_k2") && e.contains("[3, 3, 3]"), "{e}");
+    let w3 = Tensor::zeros(&ctx, Shape5::new(2, cout, 3, 3, 3), "w").unwrap();
+    let mut foreign = plan.groups[0];
+    foreign.block = 5;
+    let e = conv_transpose3d_phase_weight(&ctx, &mut rec, &w3, &plan, &foreign)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a group of the plan"), "{e}");
+    // A plan for an invalid geometry is an error, not a panic.
+    assert!(PhasePlan::new(
+        [4; 3],
+        [2; 3],
+        &ConvTranspose3dSpec::torch([2; 3], [0; 3], [2; 3])
+    )
+    .is_err());
+}

@@ -1,8 +1,13 @@
 //! 3-D transposed convolution (PyTorch `ConvTranspose3d` weight layout
-//! `[Cin, Cout, kd, kh, kw]`), derived entirely from the convolution:
-//! - forward = the input gradient of the convolution it transposes
-//!   (`conv3d_backward::transposed_conv`, with a bias epilogue);
-//! - input gradient = that convolution's forward;
+//! `[Cin, Cout, kd, kh, kw]`):
+//! - forward = phase decomposition: each class of output positions (by
+//!   `(o + pad_lo) mod stride` per axis) is a stride-1 convolution of the input with a
+//!   mirrored sub-kernel (`conv3d_forward`, all classes of one kernel extent as one
+//!   convolution into consecutive channel blocks of a phase tensor), then one interleave
+//!   kernel scatters the blocks to the strided output positions and adds the bias
+//!   (`shaders/conv_transpose3d_interleave.wgsl`). Only useful multiply-adds run; the
+//!   dilated form (zeros inserted, `s^3` times the work) stays for benchmarks;
+//! - input gradient = the forward of the convolution it transposes;
 //! - weight gradient = that convolution's weight gradient with the roles of input and
 //!   gradient swapped.
 //!
@@ -12,11 +17,14 @@
 //! which equals PyTorch k=3 s=2 p=0 with the last voxel per axis dropped.
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Recorder};
-use crate::ops::conv3d::{conv3d_check, conv3d_forward, Conv3dSpec, Conv3dVariant};
+use crate::gpu::{GpuContext, PipelineKey, Recorder};
+use crate::ops::conv3d::{
+    conv3d_check, conv3d_forward, conv3d_forward_f64, u32s, Conv3dSpec, Conv3dVariant,
+};
 use crate::ops::conv3d_backward::{
     conv3d_backward_bias, conv3d_backward_weight, conv3d_backward_weight_f64, transposed_conv,
 };
+use crate::ops::params::{launch, Arg};
 use crate::tensor::{ChannelSlice, Shape5, Tensor};
 use ndarray::Array5;
 
@@ -167,9 +175,54 @@ fn check_output(
     Ok(())
 }
 
-/// Records `output[:, range] = conv_transpose3d(input[:, range], weight) + bias`.
+/// Records `output[:, range] = conv_transpose3d(input[:, range], weight) + bias` by
+/// phase decomposition (see [`PhasePlan`]): one stride-1 `conv3d_forward` per kernel
+/// extent into a phase tensor, then [`conv_transpose3d_interleave`].
 #[allow(clippy::too_many_arguments)]
 pub fn conv_transpose3d_forward(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    input: ChannelSlice<'_>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    output: ChannelSlice<'_>,
+    spec: &ConvTranspose3dSpec,
+    variant: Conv3dVariant,
+) -> Result<()> {
+    let bias_len = bias.map(|b| b.shape().numel()).transpose()?;
+    let ishape = input.tensor.shape();
+    let expect = conv_transpose3d_check(ishape, input.count, weight.shape(), bias_len, spec)?;
+    check_output("conv_transpose3d", expect, &output, &input)?;
+    let [_, cout, kd, kh, kw] = weight.shape().0;
+    let plan = PhasePlan::new(ishape.spatial(), [kd, kh, kw], spec)?;
+    let [td, th, tw] = plan.extent;
+    let phases = Tensor::empty(
+        ctx,
+        Shape5::new(ishape.n(), plan.blocks * cout, td, th, tw),
+        "conv_transpose3d phases",
+    )?;
+    for g in &plan.groups {
+        let w = conv_transpose3d_phase_weight(ctx, rec, weight, &plan, g)?;
+        let blocks = g.classes.iter().product::<usize>();
+        conv3d_forward(
+            ctx,
+            rec,
+            input,
+            &w,
+            None,
+            phases.channels(g.block * cout, blocks * cout)?,
+            &plan.conv_spec(g),
+            variant,
+        )?;
+    }
+    conv_transpose3d_interleave(ctx, rec, &phases, &plan, bias, output)
+}
+
+/// The dilated form: the input packed with `s - 1` zeros between voxels, then the
+/// dense convolution (`conv3d_backward::transposed_conv`), `s^3` times the useful work.
+/// Kept to measure the phase form against (`masnet-wgpu bench tconv`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_transpose3d_forward_dilated(
     ctx: &GpuContext,
     rec: &mut Recorder,
     input: ChannelSlice<'_>,
@@ -197,6 +250,321 @@ pub fn conv_transpose3d_forward(
         output,
         &spec.conv_spec(),
         variant,
+    )
+}
+
+/// One convolution of the phase decomposition: the tap classes of one kernel extent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PhaseGroup {
+    /// Class set per axis: 0 = classes `[0, e)`, 1 = classes `[e, s)` (see [`PhasePlan`]).
+    pub sets: [usize; 3],
+    /// Taps per axis (the sub-kernel's extent, >= 1).
+    pub taps: [usize; 3],
+    /// First class per axis.
+    pub first: [usize; 3],
+    /// Classes per axis (the group has their product, each a block of `Cout` channels).
+    pub classes: [usize; 3],
+    /// The group's first channel block in the phase tensor.
+    pub block: usize,
+}
+
+/// The phase decomposition of a transposed convolution. Along an axis with stride `s`,
+/// kernel `K` and cropping `pad_lo`, output `o` sums the taps `k = c + s*m` of input
+/// `u - m`, where `q = o + pad_lo`, `u = q / s` and the class `c = q mod s`: class `c`
+/// is the stride-1 convolution of the input with the `ceil((K - c) / s)` taps
+/// `w[c + s*m]`. Classes `c < e = K mod s` have `ceil(K/s)` taps, the others
+/// `floor(K/s)` (none when `K < s`: those positions get the bias only). Each triple of
+/// class sets is one convolution writing consecutive blocks of `Cout` channels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhasePlan {
+    /// Stride per axis.
+    pub stride: [usize; 3],
+    /// Kernel extents.
+    pub kernel: [usize; 3],
+    /// Cropping at the start of each axis.
+    pub pad_lo: [usize; 3],
+    /// Classes with the longer sub-kernel per axis (`K mod s`).
+    pub split: [usize; 3],
+    /// Input extents.
+    pub input: [usize; 3],
+    /// Output extents.
+    pub output: [usize; 3],
+    /// Phase tensor extents: every `u` an output position reads (at least the input's).
+    pub extent: [usize; 3],
+    /// The convolutions, in block order.
+    pub groups: Vec<PhaseGroup>,
+    /// Blocks of `Cout` channels in the phase tensor.
+    pub blocks: usize,
+}
+
+impl PhasePlan {
+    /// Plans the decomposition for `input` extents and `kernel` (errors as
+    /// [`ConvTranspose3dSpec::output_spatial`]).
+    pub fn new(input: [usize; 3], kernel: [usize; 3], spec: &ConvTranspose3dSpec) -> Result<Self> {
+        let output = spec.output_spatial(input, kernel)?;
+        let (s, k) = (spec.stride, kernel);
+        let split: [usize; 3] = std::array::from_fn(|a| k[a] % s[a]);
+        // u = (o + pad_lo) / s for o < output; the convolutions need pad_hi = extent - n.
+        let extent: [usize; 3] =
+            std::array::from_fn(|a| ((output[a] - 1 + spec.pad_lo[a]) / s[a] + 1).max(input[a]));
+        let set = |a: usize, g: usize| -> (usize, usize, usize) {
+            // (first class, classes, taps)
+            if g == 0 {
+                (0, split[a], k[a].div_ceil(s[a]))
+            } else {
+                (split[a], s[a] - split[a], k[a] / s[a])
+            }
+        };
+        let mut groups = Vec::new();
+        let mut blocks = 0;
+        for g in 0..8 {
+            let sets = [(g >> 2) & 1, (g >> 1) & 1, g & 1];
+            let parts: [(usize, usize, usize); 3] = std::array::from_fn(|a| set(a, sets[a]));
+            if parts
+                .iter()
+                .any(|&(_, count, taps)| count == 0 || taps == 0)
+            {
+                continue;
+            }
+            let classes = parts.map(|p| p.1);
+            groups.push(PhaseGroup {
+                sets,
+                taps: parts.map(|p| p.2),
+                first: parts.map(|p| p.0),
+                classes,
+                block: blocks,
+            });
+            blocks += classes.iter().product::<usize>();
+        }
+        Ok(Self {
+            stride: s,
+            kernel: k,
+            pad_lo: spec.pad_lo,
+            split,
+            input,
+            output,
+            extent,
+            groups,
+            blocks,
+        })
+    }
+
+    /// The stride-1 convolution of `group`: sub-kernel mirrored, `taps - 1` voxels of
+    /// zero padding in front, and at the end whatever makes its output the phase extent.
+    pub fn conv_spec(&self, group: &PhaseGroup) -> Conv3dSpec {
+        Conv3dSpec {
+            stride: [1; 3],
+            pad_lo: group.taps.map(|t| t - 1),
+            pad_hi: std::array::from_fn(|a| self.extent[a] - self.input[a]),
+            relu: false,
+        }
+    }
+
+    /// The group of the class-set triple `sets`, if it has taps.
+    fn group_of(&self, sets: [usize; 3]) -> Option<&PhaseGroup> {
+        self.groups.iter().find(|g| g.sets == sets)
+    }
+}
+
+const INTERLEAVE_SRC: &str = include_str!("../../shaders/conv_transpose3d_interleave.wgsl");
+/// The compiled forms of `conv_transpose3d_interleave.wgsl`: (entry point, sections).
+const MODULES: [(&str, &[&str]); 3] = [
+    ("phase_weight", &["phase_weight"]),
+    ("interleave", &["interleave", "scalar"]),
+    ("interleave_vec4", &["interleave", "vec4"]),
+];
+
+/// The WGSL of `entry`: the common part of `conv_transpose3d_interleave.wgsl` followed
+/// by the sections it needs, in order.
+fn module_source(entry: &str) -> Result<String> {
+    let missing = || {
+        Error::InvalidArgument(format!(
+            "conv_transpose3d: shaders/conv_transpose3d_interleave.wgsl has no entry '{entry}' \
+             or lacks one of its sections"
+        ))
+    };
+    let (_, names) = MODULES
+        .iter()
+        .find(|(e, _)| *e == entry)
+        .ok_or_else(missing)?;
+    let mut parts = INTERLEAVE_SRC.split("\n// @section ");
+    let mut out = parts.next().unwrap_or_default().to_string();
+    let sections: Vec<(&str, &str)> = parts
+        .map(|part| {
+            let (head, body) = part.split_once('\n').unwrap_or((part, ""));
+            (head.trim(), body)
+        })
+        .collect();
+    for name in names.iter() {
+        let (_, body) = sections
+            .iter()
+            .find(|(h, _)| h == name)
+            .ok_or_else(missing)?;
+        out.push_str(&format!("\n// section {name}\n{body}"));
+    }
+    Ok(out)
+}
+
+fn check_group(what: &str, plan: &PhasePlan, group: &PhaseGroup) -> Result<()> {
+    if plan.group_of(group.sets) != Some(group) {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: {group:?} is not a group of the plan"
+        )));
+    }
+    Ok(())
+}
+
+/// Records the weight of `group`'s convolution, `[classes * Cout, Cin, taps..]`, from
+/// the transposed conv's `[Cin, Cout, k..]` `weight` (returned, a new tensor): block `b`
+/// is class `first + (b as index over classes)`, tap `t` kernel position
+/// `c + s * (taps - 1 - t)`.
+pub fn conv_transpose3d_phase_weight(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    weight: &Tensor,
+    plan: &PhasePlan,
+    group: &PhaseGroup,
+) -> Result<Tensor> {
+    check_group("conv_transpose3d_phase_weight", plan, group)?;
+    let ws = weight.shape();
+    let [cin, cout, kd, kh, kw] = ws.0;
+    if [kd, kh, kw] != plan.kernel || ws.has_zero() {
+        return Err(Error::Shape(format!(
+            "conv_transpose3d_phase_weight: weight '{}' {ws} does not have the plan's kernel \
+             {:?}",
+            weight.name, plan.kernel
+        )));
+    }
+    let [md, mh, mw] = group.taps;
+    let blocks = group.classes.iter().product::<usize>();
+    let shape = Shape5::new(blocks * cout, cin, md, mh, mw);
+    let out = Tensor::empty(ctx, shape, "conv_transpose3d phase weight")?;
+    let total = shape.numel()?;
+    let [sd, sh, sw] = plan.stride;
+    let [fd, fh, fw] = group.first;
+    let [nd, nh, nw] = group.classes;
+    let params = u32s(&[
+        cin, cout, kd, kh, kw, md, mh, mw, sd, sh, sw, total, fd, fh, fw, 0, nd, nh, nw, 0,
+    ])?;
+    launch(
+        ctx,
+        rec,
+        PipelineKey::new("conv_transpose3d_interleave", "phase_weight"),
+        &module_source("phase_weight")?,
+        &[Arg::Read(weight), Arg::Write(&out)],
+        &params,
+        total,
+    )?;
+    Ok(out)
+}
+
+/// Records `output[:, range] = interleave(phases) + bias`: each output position takes
+/// its class's value from the phase tensor `[N, blocks * Cout, extent..]` (zero for a
+/// class without taps) plus the bias; other channels of `output` are not touched.
+pub fn conv_transpose3d_interleave(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    phases: &Tensor,
+    plan: &PhasePlan,
+    bias: Option<&Tensor>,
+    output: ChannelSlice<'_>,
+) -> Result<()> {
+    let ps = phases.shape();
+    let os = output.tensor.shape();
+    let cout = output.count;
+    if ps.c() != plan.blocks * cout || ps.spatial() != plan.extent || ps.n() != os.n() {
+        return Err(Error::Shape(format!(
+            "conv_transpose3d_interleave: phases '{}' {ps} must be [{}, {} blocks x {cout}, \
+             {:?}]",
+            phases.name,
+            os.n(),
+            plan.blocks,
+            plan.extent
+        )));
+    }
+    if os.spatial() != plan.output || output.offset + cout > os.c() || cout == 0 {
+        return Err(Error::Shape(format!(
+            "conv_transpose3d_interleave: output '{}' {os} channels {}..{} do not fit the \
+             plan's output {:?}",
+            output.tensor.name,
+            output.offset,
+            output.offset + cout,
+            plan.output
+        )));
+    }
+    if let Some(b) = bias {
+        if b.shape().numel()? != cout {
+            return Err(Error::Shape(format!(
+                "conv_transpose3d_interleave: bias '{}' {} must hold {cout} values",
+                b.name,
+                b.shape()
+            )));
+        }
+    }
+    if std::ptr::eq(phases, output.tensor) {
+        return Err(Error::InvalidArgument(format!(
+            "conv_transpose3d_interleave: phases and output are the same tensor '{}'",
+            phases.name
+        )));
+    }
+    let [od, oh, ow] = plan.output;
+    let [td, th, tw] = plan.extent;
+    let [sd, sh, sw] = plan.stride;
+    let [pd, ph, pw] = plan.pad_lo;
+    let [ed, eh, ew] = plan.split;
+    let rows = os.n() * cout * od * oh;
+    let mut params = u32s(&[
+        rows,
+        cout,
+        os.c(),
+        output.offset,
+        od,
+        oh,
+        ow,
+        ps.c(),
+        td,
+        th,
+        tw,
+        usize::from(bias.is_some()),
+        sd,
+        sh,
+        sw,
+        0,
+        pd,
+        ph,
+        pw,
+        0,
+        ed,
+        eh,
+        ew,
+        0,
+    ])?;
+    for g in 0..8 {
+        let sets = [(g >> 2) & 1, (g >> 1) & 1, g & 1];
+        params.push(match plan.group_of(sets) {
+            Some(grp) => u32s(&[grp.block])?[0],
+            None => u32::MAX,
+        });
+    }
+    // Rows of a multiple of 4 voxels (every row then starts on a vec4) store vec4s.
+    let entry = if ow % 4 == 0 {
+        "interleave_vec4"
+    } else {
+        "interleave"
+    };
+    // Without a bias the kernel never reads binding 1; bind the phases as a stand-in.
+    launch(
+        ctx,
+        rec,
+        PipelineKey::new("conv_transpose3d_interleave", entry),
+        &module_source(entry)?,
+        &[
+            Arg::Read(phases),
+            Arg::Read(bias.unwrap_or(phases)),
+            Arg::Write(output.tensor),
+        ],
+        &params,
+        rows,
     )
 }
 
@@ -330,11 +698,150 @@ pub fn conv_transpose3d_backward_weight_f64(
     conv3d_backward_weight_f64(grad_out, 0, input, kernel, &spec.conv_spec())
 }
 
-/// The gather-form kernel used by BuiNet's grouped up-sampling (launched from
-/// `nn::buinet` for now; it belongs here once the stride-2 path is phase-decomposed).
+/// CPU reference of [`conv_transpose3d_phase_weight`] in f64: for block `b` (class
+/// `first + (b over classes)`), `out[b * Cout + co, ci, t] = w[ci, co, c + s * (taps - 1 - t)]`.
+pub fn conv_transpose3d_phase_weight_f64(
+    weight: &Array5<f64>,
+    plan: &PhasePlan,
+    group: &PhaseGroup,
+) -> Array5<f64> {
+    let w = weight.shape();
+    let (cin, cout) = (w[0], w[1]);
+    let [nd, nh, nw] = group.classes;
+    let [md, mh, mw] = group.taps;
+    let s = plan.stride;
+    let mut out = Array5::<f64>::zeros([nd * nh * nw * cout, cin, md, mh, mw]);
+    let mut b = 0;
+    for ld in 0..nd {
+        for lh in 0..nh {
+            for lw in 0..nw {
+                let c = [
+                    group.first[0] + ld,
+                    group.first[1] + lh,
+                    group.first[2] + lw,
+                ];
+                for co in 0..cout {
+                    for ci in 0..cin {
+                        for t0 in 0..md {
+                            for t1 in 0..mh {
+                                for t2 in 0..mw {
+                                    out[[b * cout + co, ci, t0, t1, t2]] = weight[[
+                                        ci,
+                                        co,
+                                        c[0] + s[0] * (md - 1 - t0),
+                                        c[1] + s[1] * (mh - 1 - t1),
+                                        c[2] + s[2] * (mw - 1 - t2),
+                                    ]];
+                                }
+                            }
+                        }
+                    }
+                }
+                b += 1;
+            }
+        }
+    }
+    out
+}
+
+/// CPU reference of [`conv_transpose3d_interleave`] in f64, as a scatter: the output
+/// starts as the bias (zero without), and block `b` of class `c` at phase position `u`
+/// lands on output position `u * s + c - pad_lo` when that is inside the output.
+pub fn conv_transpose3d_interleave_f64(
+    phases: &Array5<f64>,
+    plan: &PhasePlan,
+    bias: Option<&[f64]>,
+) -> Array5<f64> {
+    let p = phases.shape();
+    let n = p[0];
+    let cout = p[1] / plan.blocks.max(1);
+    let [od, oh, ow] = plan.output;
+    let mut out = Array5::<f64>::zeros([n, cout, od, oh, ow]);
+    if let Some(bias) = bias {
+        for ((_, co, _, _, _), v) in out.indexed_iter_mut() {
+            *v = bias[co];
+        }
+    }
+    let pos = |u: usize, c: usize, a: usize| -> Option<usize> {
+        let o = (u * plan.stride[a] + c) as isize - plan.pad_lo[a] as isize;
+        (o >= 0 && (o as usize) < plan.output[a]).then_some(o as usize)
+    };
+    for g in &plan.groups {
+        let mut b = g.block;
+        for ld in 0..g.classes[0] {
+            for lh in 0..g.classes[1] {
+                for lw in 0..g.classes[2] {
+                    let c = [g.first[0] + ld, g.first[1] + lh, g.first[2] + lw];
+                    for nb in 0..n {
+                        for co in 0..cout {
+                            for uz in 0..p[2] {
+                                let Some(oz) = pos(uz, c[0], 0) else { continue };
+                                for uy in 0..p[3] {
+                                    let Some(oy) = pos(uy, c[1], 1) else { continue };
+                                    for ux in 0..p[4] {
+                                        let Some(ox) = pos(ux, c[2], 2) else { continue };
+                                        out[[nb, co, oz, oy, ox]] +=
+                                            phases[[nb, b * cout + co, uz, uy, ux]];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    b += 1;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The phase decomposition on the CPU in f64 (phase weights, `conv3d_forward_f64` per
+/// group, interleave): equals [`conv_transpose3d_forward_f64`] for every geometry.
+pub fn conv_transpose3d_forward_phased_f64(
+    input: &Array5<f64>,
+    weight: &Array5<f64>,
+    bias: Option<&[f64]>,
+    spec: &ConvTranspose3dSpec,
+) -> Result<Array5<f64>> {
+    let s = input.shape();
+    let w = weight.shape();
+    conv_transpose3d_check(
+        Shape5::new(s[0], s[1], s[2], s[3], s[4]),
+        s[1],
+        Shape5::new(w[0], w[1], w[2], w[3], w[4]),
+        bias.map(|b| b.len()),
+        spec,
+    )?;
+    let plan = PhasePlan::new([s[2], s[3], s[4]], [w[2], w[3], w[4]], spec)?;
+    let cout = w[1];
+    let [td, th, tw] = plan.extent;
+    let mut phases = Array5::<f64>::zeros([s[0], plan.blocks * cout, td, th, tw]);
+    for g in &plan.groups {
+        let pw = conv_transpose3d_phase_weight_f64(weight, &plan, g);
+        let y = conv3d_forward_f64(input, 0, &pw, None, &plan.conv_spec(g))?;
+        let c0 = g.block * cout;
+        phases
+            .slice_mut(ndarray::s![.., c0..c0 + y.shape()[1], .., .., ..])
+            .assign(&y);
+    }
+    Ok(conv_transpose3d_interleave_f64(&phases, &plan, bias))
+}
+
+/// The shaders of this module: the phase weight and the two interleave kernels (one
+/// module per entry point of `conv_transpose3d_interleave.wgsl`), and the gather-form
+/// kernel used by BuiNet's grouped up-sampling (launched from `nn::buinet`).
 pub fn shader_variants() -> Vec<(String, String)> {
-    vec![(
+    let mut v: Vec<(String, String)> = MODULES
+        .iter()
+        .filter_map(|(e, _)| {
+            module_source(e)
+                .ok()
+                .map(|src| (format!("conv_transpose3d_interleave {e}"), src))
+        })
+        .collect();
+    v.push((
         "conv_transpose3d_gather".to_string(),
         include_str!("../../shaders/conv_transpose3d_gather.wgsl").to_string(),
-    )]
+    ));
+    v
 }
