@@ -22,6 +22,10 @@ pub struct BufferPool {
     free: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
     recent: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
     settled_only: Arc<AtomicUsize>,
+    /// Buffers released while a [`SettledOnly`] guard is alive: used only by the guarded
+    /// work (the tuner's own submissions), so that work may reuse them in its stream;
+    /// they become free when the last guard drops (the tuner has waited by then).
+    scratch: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
     stats: Arc<PoolStats>,
 }
 
@@ -53,11 +57,20 @@ pub struct MemoryReport {
 
 /// While alive, every [`BufferPool::take`] behaves like [`BufferPool::take_settled`]
 /// (see [`BufferPool::settled_only`]).
-pub struct SettledOnly(Arc<AtomicUsize>);
+pub struct SettledOnly(BufferPool);
 
 impl Drop for SettledOnly {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let pool = &self.0;
+        if pool.settled_only.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // Without this, every tuning run's temporaries piled up until the caller's
+            // recording was submitted (24 GB for a DU-Net training step on lavapipe).
+            if let (Ok(mut scratch), Ok(mut free)) = (pool.scratch.lock(), pool.free.lock()) {
+                for (class, mut v) in scratch.drain() {
+                    free.entry(class).or_default().append(&mut v);
+                }
+            }
+        }
     }
 }
 
@@ -85,7 +98,7 @@ impl BufferPool {
     /// recording's pending commands and so must not reuse buffers they may still read.
     pub fn settled_only(&self) -> SettledOnly {
         self.settled_only.fetch_add(1, Ordering::SeqCst);
-        SettledOnly(self.settled_only.clone())
+        SettledOnly(self.clone())
     }
 
     /// Marks every buffer released so far as settled (call after each submission).
@@ -105,8 +118,10 @@ impl BufferPool {
                 .ok()
                 .and_then(|mut m| m.get_mut(&class).and_then(|v| v.pop()))
         };
-        let allow_recent = allow_recent && self.settled_only.load(Ordering::SeqCst) == 0;
-        let reused = pop(&self.free).or_else(|| {
+        let guarded = self.settled_only.load(Ordering::SeqCst) > 0;
+        let allow_recent = allow_recent && !guarded;
+        let reused = pop(&self.free).or_else(|| if guarded { pop(&self.scratch) } else { None });
+        let reused = reused.or_else(|| {
             if allow_recent {
                 pop(&self.recent)
             } else {
@@ -138,7 +153,7 @@ impl BufferPool {
                 .map(|m| m.iter().map(|(c, v)| c * v.len() as u64).sum())
                 .unwrap_or(0)
         };
-        bytes(&self.free) + bytes(&self.recent)
+        bytes(&self.free) + bytes(&self.recent) + bytes(&self.scratch)
     }
 
     /// Releases every free buffer to the driver.
@@ -180,7 +195,12 @@ impl BufferPool {
         self.stats
             .in_use
             .fetch_sub(buffer.size(), Ordering::Relaxed);
-        if let Ok(mut m) = self.recent.lock() {
+        let list = if self.settled_only.load(Ordering::SeqCst) > 0 {
+            &self.scratch
+        } else {
+            &self.recent
+        };
+        if let Ok(mut m) = list.lock() {
             m.entry(buffer.size()).or_default().push(buffer);
         }
     }
