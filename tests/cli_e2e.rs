@@ -2,6 +2,8 @@
 //! few steps, resume exactly, segment, evaluate; and bad input exiting non-zero with a
 //! clear message and no partial output.
 
+mod common;
+
 use masnet_wgpu::checkpoint::Checkpoint;
 use masnet_wgpu::data::volume::{self, DataType, Volume};
 use std::path::{Path, PathBuf};
@@ -47,39 +49,12 @@ fn data(name: &str) -> String {
     volume::embedded_dir().join(name).display().to_string()
 }
 
-const TINY: &[&str] = &[
-    "train",
-    "--patch",
-    "8",
-    "--batch",
-    "2",
-    "--growth",
-    "4",
-    "--init-features",
-    "4",
-    "--layers",
-    "1",
-    "--bottleneck",
-    "4",
-    "--levels",
-    "1",
-    "--steps-per-epoch",
-    "2",
-    "--epochs",
-    "2",
-    "--checkpoint-every",
-    "1",
-    "--lr-schedule",
-    "constant:1e-3",
-    "--seed",
-    "5",
-];
-
 #[test]
 fn train_resume_segment_eval_on_the_embedded_brain() {
     let d = dir();
     let run_a = d.join("a");
-    let mut args: Vec<&str> = TINY.to_vec();
+    let mut args = common::tiny_train_args("2");
+    args.extend(["--seed", "5"]);
     let a = run_a.to_str().unwrap();
     args.extend(["-o", a, "--val", "held-out"]);
     ok(&args);

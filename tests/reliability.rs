@@ -3,6 +3,8 @@
 //! GPU faults end with a clear error and a resumable state; equal seeds give
 //! byte-identical checkpoints; a lowered binding limit still segments.
 
+mod common;
+
 use masnet_wgpu::checkpoint::Checkpoint;
 use masnet_wgpu::data::volume;
 use std::path::{Path, PathBuf};
@@ -51,36 +53,14 @@ fn dir(name: &str) -> PathBuf {
 }
 
 /// 8 epochs of 2 steps, a checkpoint after every epoch.
-const RUN: &[&str] = &[
-    "train",
-    "--patch",
-    "8",
-    "--batch",
-    "2",
-    "--growth",
-    "4",
-    "--init-features",
-    "4",
-    "--layers",
-    "1",
-    "--bottleneck",
-    "4",
-    "--levels",
-    "1",
-    "--steps-per-epoch",
-    "2",
-    "--epochs",
-    "8",
-    "--checkpoint-every",
-    "1",
-    "--lr-schedule",
-    "constant:1e-3",
-    "--foreground-bias",
-    "0.5",
-];
+fn run_args() -> Vec<&'static str> {
+    let mut a = common::tiny_train_args("8");
+    a.extend(["--foreground-bias", "0.5"]);
+    a
+}
 
 fn train(out: &Path, seed: &str, env: &[(&str, &str)]) -> Output {
-    let mut a = RUN.to_vec();
+    let mut a = run_args();
     a.extend(["--seed", seed, "-o", out.to_str().unwrap()]);
     run(&a, env)
 }
@@ -140,7 +120,7 @@ fn same_seed_gives_byte_identical_checkpoints() {
 fn sigkill_at_a_random_moment_then_resume_reproduces_the_run() {
     let (reference_dir, reference_losses) = reference();
     let out = dir("killed");
-    let mut a = RUN.to_vec();
+    let mut a = run_args();
     a.extend(["--seed", "5", "-o", out.to_str().unwrap()]);
     let mut child = cmd(&[])
         .args(&a)

@@ -166,3 +166,34 @@ pub fn check_affine_graph_fd(
         }
     }
 }
+
+/// `train` on the embedded brain with a tiny DU-Net (4 features, one level), 8³ patches,
+/// batch 2, 2 steps per epoch, a checkpoint every epoch and a constant learning rate;
+/// CLI tests add epochs, seed and output.
+pub fn tiny_train_args(epochs: &'static str) -> Vec<&'static str> {
+    vec![
+        "train",
+        "--patch",
+        "8",
+        "--batch",
+        "2",
+        "--growth",
+        "4",
+        "--init-features",
+        "4",
+        "--layers",
+        "1",
+        "--bottleneck",
+        "4",
+        "--levels",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--epochs",
+        epochs,
+        "--checkpoint-every",
+        "1",
+        "--lr-schedule",
+        "constant:1e-3",
+    ]
+}
