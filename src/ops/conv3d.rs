@@ -524,28 +524,46 @@ pub fn conv3d_forward_choice(
         cout,
         oshape.n() * oshape.voxels(),
     );
+    let shapes = [input, weight, Shape5::new(1, cout, 1, 1, 1), oshape];
     resolve_auto(ctx, "conv3d.fwd", &class, cout, |kernel, give_up| {
-        let _settled = ctx.pool.settled_only();
-        let x = Tensor::empty(ctx, input, "tune x")?;
-        let w = Tensor::empty(ctx, weight, "tune w")?;
-        let b = Tensor::empty(ctx, Shape5::new(1, cout, 1, 1, 1), "tune b")?;
-        let out = Tensor::empty(ctx, oshape, "tune out")?;
-        zero_fill(ctx, &[&x, &w, &b, &out]);
-        tune::median_ms(3, give_up, || {
-            let mut r = ctx.recorder();
+        time_on_temporaries(ctx, shapes, give_up, |r, [x, w, b, out]| {
             conv3d_forward_kernel(
                 ctx,
-                &mut r,
+                r,
                 x.all(),
-                &w,
-                bias.then_some(&b),
+                w,
+                bias.then_some(b),
                 out.all(),
                 spec,
                 kernel,
-            )?;
-            ctx.submit(r);
-            ctx.wait()
+            )
         })
+    })
+}
+
+/// Median milliseconds of `record` (then submit and wait) on zero-filled temporaries of
+/// `shapes` (operand, weight, bias, result), allocated so they never alias buffers an
+/// open recording of the caller may still read (see `BufferPool::settled_only`).
+pub(crate) fn time_on_temporaries(
+    ctx: &GpuContext,
+    shapes: [Shape5; 4],
+    give_up_ms: f64,
+    record: impl Fn(&mut Recorder, [&Tensor; 4]) -> Result<()>,
+) -> Result<f64> {
+    let _settled = ctx.pool.settled_only();
+    let names = ["tune operand", "tune weight", "tune bias", "tune result"];
+    let t: Vec<Tensor> = shapes
+        .iter()
+        .zip(names)
+        .map(|(&s, n)| Tensor::empty(ctx, s, n))
+        .collect::<Result<_>>()?;
+    let ts = [&t[0], &t[1], &t[2], &t[3]];
+    zero_fill(ctx, &ts);
+    tune::median_ms(3, give_up_ms, || {
+        let mut r = ctx.recorder();
+        record(&mut r, ts)?;
+        ctx.submit(r);
+        ctx.wait()
     })
 }
 

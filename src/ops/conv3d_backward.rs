@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, GpuContext, PipelineKey, Recorder};
 use crate::ops::conv3d::{
     as_u32, conv3d_check, conv_packed, for_each_tap, grid_for, pack_input, pack_weight,
-    resolve_auto, subgroup_size_for, tile_for, u32s, zero_fill, Conv3dSpec, Conv3dVariant,
-    ConvKernel, PackedConv,
+    resolve_auto, subgroup_size_for, tile_for, time_on_temporaries, u32s, Conv3dSpec,
+    Conv3dVariant, ConvKernel, PackedConv,
 };
 use crate::ops::conv3d_gemm::{gemm_packed, GemmConv};
 use crate::ops::params::{dispatch, uniform_u32};
@@ -142,27 +142,19 @@ pub fn backward_input_choice(
         cin,
         input.n() * input.voxels(),
     );
+    let shapes = [oshape, weight, Shape5::new(1, cin, 1, 1, 1), input];
     resolve_auto(ctx, "conv3d.bwd_input", &class, cin, |kernel, give_up| {
-        let _settled = ctx.pool.settled_only();
-        let g = Tensor::empty(ctx, oshape, "tune dy")?;
-        let w = Tensor::empty(ctx, weight, "tune w")?;
-        let b = Tensor::empty(ctx, Shape5::new(1, cin, 1, 1, 1), "tune b")?;
-        let dx = Tensor::empty(ctx, input, "tune dx")?;
-        zero_fill(ctx, &[&g, &w, &b, &dx]);
-        tune::median_ms(3, give_up, || {
-            let mut r = ctx.recorder();
+        time_on_temporaries(ctx, shapes, give_up, |r, [g, w, b, dx]| {
             transposed_conv_kernel(
                 ctx,
-                &mut r,
+                r,
                 g.all(),
-                &w,
-                bias.then_some(&b),
+                w,
+                bias.then_some(b),
                 dx.all(),
                 spec,
                 kernel,
-            )?;
-            ctx.submit(r);
-            ctx.wait()
+            )
         })
     })
 }
