@@ -126,15 +126,28 @@ fn fused_dunet_equals_the_eval_graph_on_a_32_cube() {
     }
     m.for_each_bn_mut(|bn| bn.spec = BatchNormSpec::keras());
     common::perturb_bn(&ctx, &s, 6, true);
-    let probs = |model: &Dunet, store: &ParamStore| -> Vec<f32> {
-        let mut g = Graph::no_grad(&ctx, Mode::Eval);
+    // `grad`: an eval graph that records backward, where dense blocks concatenate by
+    // copying; without it (inference) they are written in place through channel offsets
+    // and ReLUs run in the conv epilogues.
+    let probs_with = |model: &Dunet, store: &ParamStore, grad: bool| -> Vec<f32> {
+        let mut g = if grad {
+            Graph::new(&ctx, Mode::Eval)
+        } else {
+            Graph::no_grad(&ctx, Mode::Eval)
+        };
         let xv = g.input(Tensor::from_slice(&ctx, xs, &x, "x").unwrap());
         let logits = model.forward(&mut g, store, xv, 0).unwrap();
         let p = g.softmax_channels(logits).unwrap();
         g.submit();
         p.to_vec(&ctx).unwrap()
     };
-    let want = probs(&m, &s);
+    let probs = |model: &Dunet, store: &ParamStore| probs_with(model, store, false);
+    let want = probs_with(&m, &s, true);
+    let d = common::max_abs_diff(&probs(&m, &s), &want);
+    assert!(
+        d <= 1e-6,
+        "in-place dense blocks: max |diff| of the softmax {d}"
+    );
     for form in [
         ModelForm::Fused,
         ModelForm::FusedMerged,

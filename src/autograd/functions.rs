@@ -33,6 +33,66 @@ impl Graph<'_> {
         Ok(self.value(v)?.clone())
     }
 
+    fn require_no_grad(&self, op: &str) -> Result<()> {
+        if self.grad_enabled() {
+            return Err(Error::InvalidArgument(format!(
+                "{op} writes into an existing value, which backward cannot follow: only in \
+                 no-grad graphs"
+            )));
+        }
+        Ok(())
+    }
+
+    /// An uninitialised value of `shape` that later ops fill channel range by channel
+    /// range (no-grad graphs: e.g. a DenseNet block's concatenation, written in place).
+    pub fn buffer(&mut self, shape: Shape5, name: &str) -> Result<Var> {
+        self.require_no_grad("buffer")?;
+        let t = empty(self.ctx, shape, name)?;
+        Ok(self.input(t))
+    }
+
+    /// Copies all channels of `src` into channels `offset..` of `dst` (no-grad graphs).
+    pub fn write_channels(&mut self, src: Var, dst: Var, offset: usize) -> Result<()> {
+        self.require_no_grad("write_channels")?;
+        let (st, dt) = (self.tensor(src)?, self.tensor(dst)?);
+        let range = dt.channels(offset, st.shape().c())?;
+        elementwise::copy_channels(self.ctx, &mut self.rec, st.all(), range)
+    }
+
+    /// [`Graph::conv3d_channels`] writing its result into channels `out_offset..` of `dst`
+    /// instead of a new value (no-grad graphs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv3d_channels_into(
+        &mut self,
+        x: Var,
+        offset: usize,
+        count: usize,
+        w: Var,
+        b: Option<Var>,
+        spec: Conv3dSpec,
+        dst: Var,
+        out_offset: usize,
+    ) -> Result<()> {
+        self.require_no_grad("conv3d_channels_into")?;
+        let (xt, wt, dt) = (self.tensor(x)?, self.tensor(w)?, self.tensor(dst)?);
+        let bt = b.map(|b| self.tensor(b)).transpose()?;
+        let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;
+        let oshape = conv3d_check(xt.shape(), (offset, count), wt.shape(), bias_len, &spec)?;
+        let out = dt.channels(out_offset, oshape.c())?;
+        conv3d_forward(
+            self.ctx,
+            &mut self.rec,
+            xt.channels(offset, count)?,
+            &wt,
+            bt.as_deref(),
+            out,
+            &spec,
+            AUTO,
+        )?;
+        self.flops += conv3d_flops(oshape, wt.shape());
+        Ok(())
+    }
+
     /// `conv3d(x, w) + b`, ReLU fused when `spec.relu`.
     pub fn conv3d(&mut self, x: Var, w: Var, b: Option<Var>, spec: Conv3dSpec) -> Result<Var> {
         let c = self.value(x)?.shape().c();

@@ -128,6 +128,28 @@ impl ConvBn {
         }
     }
 
+    /// [`ConvBn::forward_relu`] written into channels `dst_offset..` of `dst` (no-grad
+    /// graphs): straight from the conv's epilogue when there is no BN.
+    pub fn forward_relu_into(
+        &self,
+        g: &mut Graph<'_>,
+        s: &ParamStore,
+        x: Var,
+        offset: usize,
+        dst: Var,
+        dst_offset: usize,
+    ) -> Result<()> {
+        match &self.bn {
+            Some(_) => {
+                let y = self.forward_relu(g, s, x, offset)?;
+                g.write_channels(y, dst, dst_offset)
+            }
+            None => self
+                .conv
+                .forward_into(g, s, x, offset, true, dst, dst_offset),
+        }
+    }
+
     /// Copies (or with `fold`, folds the BN into) this layer into `b`.
     pub fn convert(
         &self,
@@ -251,6 +273,27 @@ impl Block {
             }
             Block::Fused(f) => f.forward_relu(g, s, x, offset),
             Block::Conv(c) => c.forward_relu(g, s, x, offset),
+        }
+    }
+
+    /// [`Block::forward_relu`] written into channels `dst_offset..` of `dst` (no-grad
+    /// graphs), from the convolutions' epilogue where the block ends in convolutions.
+    pub fn forward_relu_into(
+        &self,
+        g: &mut Graph<'_>,
+        s: &ParamStore,
+        x: Var,
+        offset: usize,
+        dst: Var,
+        dst_offset: usize,
+    ) -> Result<()> {
+        match self {
+            Block::Mixacb(_) => {
+                let y = self.forward_relu(g, s, x, offset)?;
+                g.write_channels(y, dst, dst_offset)
+            }
+            Block::Fused(f) => f.forward_relu_into(g, s, x, offset, dst, dst_offset),
+            Block::Conv(c) => c.forward_relu_into(g, s, x, offset, dst, dst_offset),
         }
     }
 

@@ -4,7 +4,7 @@
 //! Layer-by-layer reference: `../shared/reference/dunet-mixacb-spec.md`, summarised in
 //! `docs/models.md`.
 
-use crate::autograd::{Graph, ParamKind, ParamStore, Var};
+use crate::autograd::{Graph, Mode, ParamKind, ParamStore, Var};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::init::Init;
@@ -213,8 +213,27 @@ impl Dunet {
         let mut h = self.init.forward_relu(g, s, x, 0)?;
         let mut skips = Vec::new();
         let mut layer_index = 0u32;
+        // Inference writes each dense block's concatenation into one buffer through
+        // channel offsets (no copies of the growing input per layer).
+        let in_place = !g.grad_enabled() && g.mode() == Mode::Eval;
         for (d, layers) in self.dense.iter().enumerate() {
-            for layer in layers {
+            if in_place {
+                let hs = g.value(h)?.shape();
+                let total = hs.c() + layers.len() * self.config.growth;
+                let buf = g.buffer(
+                    Shape5::new(hs.n(), total, hs.0[2], hs.0[3], hs.0[4]),
+                    "dense block",
+                )?;
+                g.write_channels(h, buf, 0)?;
+                let mut c = hs.c();
+                for layer in layers {
+                    let b = layer.bottleneck.forward_relu(g, s, buf, 0)?;
+                    layer.block.forward_relu_into(g, s, b, 0, buf, c)?;
+                    c += self.config.growth;
+                }
+                h = buf;
+            }
+            for layer in layers.iter().filter(|_| !in_place) {
                 let b = layer.bottleneck.forward_relu(g, s, h, 0)?;
                 let n = layer.block.forward_relu(g, s, b, 0)?;
                 layer_index += 1;

@@ -177,6 +177,28 @@ impl Conv {
         g.conv3d_channels(x, offset, self.cin, w, b, spec)
     }
 
+    /// [`Conv::forward_from_relu`] writing into channels `dst_offset..` of `dst`
+    /// (no-grad graphs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_into(
+        &self,
+        g: &mut Graph<'_>,
+        store: &ParamStore,
+        x: Var,
+        offset: usize,
+        relu: bool,
+        dst: Var,
+        dst_offset: usize,
+    ) -> Result<()> {
+        let w = g.param(store, self.weight)?;
+        let b = self.bias.map(|b| g.param(store, b)).transpose()?;
+        let spec = Conv3dSpec {
+            relu: self.spec.relu || relu,
+            ..self.spec
+        };
+        g.conv3d_channels_into(x, offset, self.cin, w, b, spec, dst, dst_offset)
+    }
+
     /// Applies the convolution to all channels of `x`.
     pub fn forward(&self, g: &mut Graph<'_>, store: &ParamStore, x: Var) -> Result<Var> {
         self.forward_from(g, store, x, 0)

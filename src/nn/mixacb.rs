@@ -377,6 +377,30 @@ impl FusedMixAcb {
         self.forward_maybe_relu(g, store, x, offset, true)
     }
 
+    /// `relu(forward(x))` written into channels `dst_offset..` of `dst` (no-grad
+    /// graphs): each group's conv writes its range from its epilogue.
+    pub fn forward_relu_into(
+        &self,
+        g: &mut Graph<'_>,
+        store: &ParamStore,
+        x: Var,
+        offset: usize,
+        dst: Var,
+        dst_offset: usize,
+    ) -> Result<()> {
+        match self {
+            FusedMixAcb::Merged(conv) => {
+                conv.forward_into(g, store, x, offset, true, dst, dst_offset)
+            }
+            FusedMixAcb::Groups { groups, .. } => {
+                for (io, oo, conv) in groups {
+                    conv.forward_into(g, store, x, offset + io, true, dst, dst_offset + oo)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn forward_maybe_relu(
         &self,
         g: &mut Graph<'_>,
