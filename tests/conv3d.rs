@@ -200,6 +200,25 @@ fn channel_counts_not_multiples_of_tiles() {
     }
 }
 
+/// The register tile follows the channel count (4x16, 10x8, 12x8, 15x4, 14x4 ...);
+/// widths that are not multiples of the tile's 16 or 8 voxels cover the ragged W edge.
+#[test]
+fn every_tile_width_matches_cpu() {
+    let ctx = gpu();
+    for (cin, cout) in [(5, 4), (6, 10), (9, 12), (4, 30), (3, 40), (2, 2)] {
+        let tile = masnet_wgpu::ops::conv3d::ConvTile::for_channels(cout);
+        assert!(tile.tc <= 16 && tile.tc * cout.div_ceil(tile.tc) < cout + tile.tc);
+        for v in variants(&ctx) {
+            run_case(
+                &ctx,
+                &simple([3, 3, 3], [3, 4, 19], cin, cout),
+                v,
+                71 + cout as u64,
+            );
+        }
+    }
+}
+
 fn conv_err(ctx: &GpuContext, x: Shape5, w: Shape5, out: Shape5, spec: Conv3dSpec) -> String {
     let xt = Tensor::zeros(ctx, x, "x").unwrap();
     let wt = Tensor::zeros(ctx, w, "w").unwrap();
