@@ -289,8 +289,9 @@ impl ConvTile {
 }
 
 /// Generates the unrolled parts of `shaders/conv3d.wgsl` for one tile, kernel width,
-/// stride and variant (`subgroup`: weights shared by shuffles in 8-lane blocks).
-pub fn conv3d_source(tile: ConvTile, kw: usize, sw: usize, subgroup: bool) -> String {
+/// stride and variant (`subgroup`: weights shared by shuffles in 8-lane blocks;
+/// `phase`: values go to strided output positions through `phase_store`).
+pub fn conv3d_source(tile: ConvTile, kw: usize, sw: usize, subgroup: bool, phase: bool) -> String {
     use std::fmt::Write;
     let (tc, tx) = (tile.tc, tile.tx);
     let row = (tx - 1) * sw + kw;
@@ -299,12 +300,19 @@ pub fn conv3d_source(tile: ConvTile, kw: usize, sw: usize, subgroup: bool) -> St
     let mut mac = String::new();
     let mut epi = String::new();
     for c in 0..tc {
+        if phase {
+            let _ = writeln!(epi, "    let pc{c} = phase_chan(n, oz, oy, co0 + {c}u);");
+        }
         for t in 0..tx {
             let _ = writeln!(acc, "    var a{c}_{t} = 0.0;");
-            let _ = writeln!(
-                epi,
-                "    store(obase, ostride, {c}u, {t}u, co0, ox0, a{c}_{t});"
-            );
+            if phase {
+                let _ = writeln!(epi, "    phase_store(pc{c}, ox0, {t}u, a{c}_{t});");
+            } else {
+                let _ = writeln!(
+                    epi,
+                    "    store(obase, ostride, {c}u, {t}u, co0, ox0, a{c}_{t});"
+                );
+            }
         }
     }
     for r in 0..row {
@@ -384,11 +392,13 @@ pub fn shader_variants() -> Vec<(String, String)> {
                 .with_const("SW", s)
                 .with_const("NW", (tile.tc * k as usize) as u32)
                 .with_const("SG", 32);
-            let src = conv3d_source(tile, k as usize, s as usize, subgroup);
-            v.push((
-                format!("{name} k{k} s{s}"),
-                format!("{}{src}", key.prelude()),
-            ));
+            for phase in [false, true] {
+                let src = conv3d_source(tile, k as usize, s as usize, subgroup, phase);
+                v.push((
+                    format!("{name} k{k} s{s}{}", if phase { " phase" } else { "" }),
+                    format!("{}{src}", key.prelude()),
+                ));
+            }
         }
     }
     v
@@ -652,6 +662,8 @@ pub fn conv3d_forward_kernel(
             padded,
             tile,
             subgroup: sub,
+            in_off: [0; 3],
+            phase: None,
         },
         bias,
         output,
@@ -790,6 +802,27 @@ pub(crate) struct PackedConv<'a> {
     pub padded: [usize; 3],
     pub tile: ConvTile,
     pub subgroup: Option<u32>,
+    /// Where reading starts in the packed input (beyond its own padding).
+    pub in_off: [usize; 3],
+    /// Strided output positions (a transposed conv's phases) instead of a dense output.
+    pub phase: Option<PhaseStore>,
+}
+
+/// How a phase convolution's values map to the transposed conv's output: channel `c`
+/// is class block `c / cb`, output channel `c % cb`; phase position `u` of class `l`
+/// (per axis, over `classes`) goes to `u * stride + l + off`, dropped outside the output.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PhaseStore {
+    /// Phase extents the convolution computes.
+    pub extent: [usize; 3],
+    /// Output channels per class block.
+    pub cb: usize,
+    /// Classes per axis.
+    pub classes: [usize; 3],
+    /// Output stride per axis.
+    pub stride: [usize; 3],
+    /// First class minus cropping, per axis.
+    pub off: [isize; 3],
 }
 
 /// Runs the register-tiled kernel on packed operands into `output`'s channel range.
@@ -802,7 +835,7 @@ pub(crate) fn conv_packed(
     relu: bool,
 ) -> Result<()> {
     let oshape = output.tensor.shape();
-    let [od, oh, ow] = oshape.spatial();
+    let [od, oh, ow] = pc.phase.map_or(oshape.spatial(), |ph| ph.extent);
     let n = oshape.n();
     let cout = output.count;
     let [kd, kh, kw] = pc.kernel;
@@ -835,7 +868,10 @@ pub(crate) fn conv_packed(
     if let Some(s) = pc.subgroup {
         key = key.with_const("SG", s);
     }
-    let src = conv3d_source(tile, kw, sw, pc.subgroup.is_some());
+    if pc.phase.is_some() {
+        key = key.with_const("PHASE", 1);
+    }
+    let src = conv3d_source(tile, kw, sw, pc.subgroup.is_some(), pc.phase.is_some());
     let pipe = ctx.pipelines.get(
         &ctx.device,
         &key,
@@ -848,27 +884,51 @@ pub(crate) fn conv_packed(
             Binding::Uniform,
         ],
     )?;
-    let params = uniform_u32(
-        ctx,
-        &u32s(&[
-            n,
-            pc.c4,
-            cout,
-            oshape.c(),
-            output.offset,
-            dp,
-            hp,
-            wp,
-            od,
-            oh,
-            ow,
-            x_tiles,
-            spatial_tiles,
-            co_tiles,
-            grid.total as usize,
-            sblocks,
-        ])?,
-    )?;
+    let [out_d, out_h, out_w] = oshape.spatial();
+    let ph = pc.phase.unwrap_or(PhaseStore {
+        extent: [od, oh, ow],
+        cb: cout.max(1),
+        classes: [1; 3],
+        stride: [1; 3],
+        off: [0; 3],
+    });
+    let mut vals = u32s(&[
+        n,
+        pc.c4,
+        cout,
+        oshape.c(),
+        output.offset,
+        dp,
+        hp,
+        wp,
+        od,
+        oh,
+        ow,
+        x_tiles,
+        spatial_tiles,
+        co_tiles,
+        grid.total as usize,
+        sblocks,
+        pc.in_off[0],
+        pc.in_off[1],
+        pc.in_off[2],
+        ph.cb,
+        out_d,
+        out_h,
+        out_w,
+        ph.classes[1],
+        ph.classes[2],
+        ph.stride[0],
+        ph.stride[1],
+        ph.stride[2],
+    ])?;
+    for o in ph.off {
+        let v = i32::try_from(o)
+            .map_err(|_| Error::Limit(format!("conv3d: phase offset {o} exceeds 32 bits")))?;
+        vals.push(v as u32);
+    }
+    vals.push(0);
+    let params = uniform_u32(ctx, &vals)?;
     // Without a bias the kernel never reads binding 2; bind the weight as a stand-in.
     let (bbuf, bbytes) = match bias {
         Some(b) => (b.buffer(), b.bytes()),

@@ -221,6 +221,8 @@ pub(crate) fn transposed_conv_kernel(
             padded,
             tile,
             subgroup: sub,
+            in_off: [0; 3],
+            phase: None,
         },
         bias,
         grad_in,
