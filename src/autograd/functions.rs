@@ -48,7 +48,7 @@ impl Graph<'_> {
     pub fn buffer(&mut self, shape: Shape5, name: &str) -> Result<Var> {
         self.require_no_grad("buffer")?;
         let t = empty(self.ctx, shape, name)?;
-        Ok(self.input(t))
+        Ok(self.leaf(Rc::new(t), false, None, "buffer"))
     }
 
     /// Copies all channels of `src` into channels `offset..` of `dst` (no-grad graphs).

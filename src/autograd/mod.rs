@@ -47,7 +47,9 @@ type BackwardFn =
     Box<dyn FnOnce(&GpuContext, &mut Recorder, &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>>;
 
 struct Node {
-    value: Rc<Tensor>,
+    /// `None` once released ([`Graph::release`]): backward closures keep their own
+    /// handles to what they need, so releasing frees a value nothing else needs.
+    value: Option<Rc<Tensor>>,
     op: &'static str,
     requires_grad: bool,
     param: Option<ParamId>,
@@ -175,7 +177,7 @@ impl<'c> Graph<'c> {
         Ok(v)
     }
 
-    fn leaf(
+    pub(crate) fn leaf(
         &mut self,
         value: Rc<Tensor>,
         requires_grad: bool,
@@ -183,7 +185,7 @@ impl<'c> Graph<'c> {
         op: &'static str,
     ) -> Var {
         self.nodes.push(Node {
-            value,
+            value: Some(value),
             op,
             requires_grad,
             param,
@@ -210,7 +212,47 @@ impl<'c> Graph<'c> {
 
     /// The tensor holding `v`'s value (valid once the graph is submitted and finished).
     pub fn value(&self, v: Var) -> Result<&Rc<Tensor>> {
-        Ok(&self.node(v)?.value)
+        let n = self.node(v)?;
+        n.value.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "value #{} ('{}') was released after its last use",
+                v.index, n.op
+            ))
+        })
+    }
+
+    /// The tape's position, for [`Graph::release_since`].
+    pub fn mark(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Drops the tape's hold on `v`'s value (liveness: call after its last use). The
+    /// buffer returns to the pool for later ops of the same recording unless something
+    /// else holds it: a backward closure that needs it (so a training graph keeps only
+    /// what backward needs), the caller, or a parameter store. Inputs, variables and
+    /// parameters stay; releasing twice is harmless.
+    pub fn release(&mut self, v: Var) -> Result<()> {
+        self.node(v)?;
+        let n = &mut self.nodes[v.index];
+        if !matches!(n.op, "input" | "variable" | "param") {
+            n.value = None;
+        }
+        Ok(())
+    }
+
+    /// [`Graph::release`] for every value recorded since `mark` except `keep` (the
+    /// intermediates of a block once its output exists).
+    pub fn release_since(&mut self, mark: usize, keep: &[Var]) -> Result<()> {
+        for i in mark..self.nodes.len() {
+            let v = Var {
+                graph: self.id,
+                index: i,
+            };
+            if !keep.contains(&v) {
+                self.release(v)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether a gradient flows to `v`.
@@ -233,7 +275,7 @@ impl<'c> Graph<'c> {
         }
         let requires = requires && self.grad_enabled;
         self.nodes.push(Node {
-            value,
+            value: Some(value),
             op,
             requires_grad: requires,
             param: None,
@@ -258,14 +300,13 @@ impl<'c> Graph<'c> {
                 n.op, loss.index
             )));
         }
-        if n.value.shape().numel()? != 1 {
+        let shape = self.value(loss)?.shape();
+        if shape.numel()? != 1 {
             return Err(Error::Shape(format!(
-                "backward needs a scalar loss; '{}' has shape {}",
+                "backward needs a scalar loss; '{}' has shape {shape}",
                 n.op,
-                n.value.shape()
             )));
         }
-        let shape = n.value.shape();
         let seed = Tensor::from_slice_recorded(self.ctx, &mut self.rec, shape, &[1.0], "dloss")?;
         self.grads.insert(loss.index, seed);
         let mut out = Gradients::default();

@@ -105,7 +105,11 @@ impl ConvBn {
     pub fn forward(&self, g: &mut Graph<'_>, s: &ParamStore, x: Var, offset: usize) -> Result<Var> {
         let y = self.conv.forward_from(g, s, x, offset)?;
         match &self.bn {
-            Some(bn) => bn.forward(g, s, y),
+            Some(bn) => {
+                let z = bn.forward(g, s, y)?;
+                g.release(y)?;
+                Ok(z)
+            }
             None => Ok(y),
         }
     }
@@ -119,10 +123,11 @@ impl ConvBn {
         offset: usize,
     ) -> Result<Var> {
         match &self.bn {
-            Some(bn) => {
-                let y = self.conv.forward_from(g, s, x, offset)?;
-                let y = bn.forward(g, s, y)?;
-                g.relu(y)
+            Some(_) => {
+                let y = self.forward(g, s, x, offset)?;
+                let r = g.relu(y)?;
+                g.release(y)?;
+                Ok(r)
             }
             None => self.conv.forward_from_relu(g, s, x, offset, true),
         }
@@ -142,7 +147,8 @@ impl ConvBn {
         match &self.bn {
             Some(_) => {
                 let y = self.forward_relu(g, s, x, offset)?;
-                g.write_channels(y, dst, dst_offset)
+                g.write_channels(y, dst, dst_offset)?;
+                g.release(y)
             }
             None => self
                 .conv
@@ -269,7 +275,9 @@ impl Block {
         match self {
             Block::Mixacb(m) => {
                 let y = m.forward(g, s, x, offset)?;
-                g.relu(y)
+                let r = g.relu(y)?;
+                g.release(y)?;
+                Ok(r)
             }
             Block::Fused(f) => f.forward_relu(g, s, x, offset),
             Block::Conv(c) => c.forward_relu(g, s, x, offset),
@@ -290,7 +298,8 @@ impl Block {
         match self {
             Block::Mixacb(_) => {
                 let y = self.forward_relu(g, s, x, offset)?;
-                g.write_channels(y, dst, dst_offset)
+                g.write_channels(y, dst, dst_offset)?;
+                g.release(y)
             }
             Block::Fused(f) => f.forward_relu_into(g, s, x, offset, dst, dst_offset),
             Block::Conv(c) => c.forward_relu_into(g, s, x, offset, dst, dst_offset),

@@ -210,56 +210,98 @@ impl Dunet {
                 self.config.in_channels
             )));
         }
-        let mut h = self.init.forward_relu(g, s, x, 0)?;
+        // Each stage's input as channel parts (the decoder's skip and up-sampled
+        // tensor); every value is released after its last use, so inference reuses
+        // buffers by liveness and training keeps only what backward closures hold.
+        let mut parts = vec![self.init.forward_relu(g, s, x, 0)?];
         let mut skips = Vec::new();
         let mut layer_index = 0u32;
         // Inference writes each dense block's concatenation into one buffer through
         // channel offsets (no copies of the growing input per layer).
         let in_place = !g.grad_enabled() && g.mode() == Mode::Eval;
         for (d, layers) in self.dense.iter().enumerate() {
-            if in_place {
-                let hs = g.value(h)?.shape();
-                let total = hs.c() + layers.len() * self.config.growth;
-                let buf = g.buffer(
-                    Shape5::new(hs.n(), total, hs.0[2], hs.0[3], hs.0[4]),
-                    "dense block",
-                )?;
-                g.write_channels(h, buf, 0)?;
-                let mut c = hs.c();
+            let mut h = if in_place {
+                let mut shapes = Vec::new();
+                for &p in &parts {
+                    shapes.push(g.value(p)?.shape());
+                }
+                let c0: usize = shapes.iter().map(|s| s.c()).sum();
+                let total = c0 + layers.len() * self.config.growth;
+                let [n, _, dd, hh, ww] = shapes[0].0;
+                let buf = g.buffer(Shape5::new(n, total, dd, hh, ww), "dense block")?;
+                let mut c = 0;
+                for (&p, ps) in parts.iter().zip(&shapes) {
+                    g.write_channels(p, buf, c)?;
+                    g.release(p)?;
+                    c += ps.c();
+                }
                 for layer in layers {
                     let b = layer.bottleneck.forward_relu(g, s, buf, 0)?;
                     layer.block.forward_relu_into(g, s, b, 0, buf, c)?;
+                    g.release(b)?;
                     c += self.config.growth;
                 }
-                h = buf;
-            }
+                buf
+            } else {
+                let h = match parts.as_slice() {
+                    [one] => *one,
+                    _ => {
+                        let h = g.concat(&parts)?;
+                        for &p in &parts {
+                            g.release(p)?;
+                        }
+                        h
+                    }
+                };
+                h
+            };
             for layer in layers.iter().filter(|_| !in_place) {
                 let b = layer.bottleneck.forward_relu(g, s, h, 0)?;
                 let n = layer.block.forward_relu(g, s, b, 0)?;
+                g.release(b)?;
                 layer_index += 1;
                 let seed =
                     dropout_seed.wrapping_mul(0x9E37_79B1) ^ layer_index.wrapping_mul(0x85EB_CA6B);
-                let n = g.dropout(n, self.config.dropout, seed)?;
-                h = g.concat(&[h, n])?;
+                let dropped = g.dropout(n, self.config.dropout, seed)?;
+                let next = g.concat(&[h, dropped])?;
+                for v in [h, n, dropped] {
+                    g.release(v)?;
+                }
+                h = next;
             }
             if let Some((reduce, strided)) = self.down.get(d) {
                 skips.push(h);
                 let r = reduce.forward_relu(g, s, h, 0)?;
-                h = strided.forward_relu(g, s, r, 0)?;
+                parts = vec![strided.forward_relu(g, s, r, 0)?];
+                g.release(r)?;
             } else if let Some(u) = self.up.get(d - self.config.levels) {
                 let t = u.up.forward(g, s, h)?;
+                g.release(h)?;
                 let t = match &u.bn {
-                    Some(bn) => bn.forward(g, s, t)?,
+                    Some(bn) => {
+                        let y = bn.forward(g, s, t)?;
+                        g.release(t)?;
+                        y
+                    }
                     None => t,
                 };
-                let t = g.relu(t)?;
+                let r = g.relu(t)?;
+                g.release(t)?;
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::InvalidArgument("DU-Net skip mismatch".into()))?;
-                h = g.concat(&[skip, t])?;
+                parts = vec![skip, r];
+            } else {
+                parts = vec![h];
             }
         }
-        self.head.forward(g, s, h)
+        let h = match parts.as_slice() {
+            [one] => *one,
+            _ => return Err(Error::InvalidArgument("DU-Net ends in a skip".into())),
+        };
+        let out = self.head.forward(g, s, h)?;
+        g.release(h)?;
+        Ok(out)
     }
 
     /// Calls `f` on every BatchNorm of the model (e.g. to change momentum for a

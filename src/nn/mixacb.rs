@@ -190,11 +190,16 @@ impl MixAcb {
             for (conv, bn) in &gr.branches {
                 let y = conv.forward_from(g, store, x, offset + gr.in_offset)?;
                 branch_outputs.push(bn.forward(g, store, y)?);
+                g.release(y)?;
             }
             sums.push(branch_outputs);
         }
         // Each group's branch sum lands directly in its channel range of the output.
-        g.concat_of_sums(&sums)
+        let out = g.concat_of_sums(&sums)?;
+        for v in sums.iter().flatten() {
+            g.release(*v)?;
+        }
+        Ok(out)
     }
 
     /// Folds every branch's BN (its own epsilon) into its kernel, adds the asymmetric
