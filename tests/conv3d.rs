@@ -219,6 +219,47 @@ fn every_tile_width_matches_cpu() {
     }
 }
 
+/// 1x1x1 convs with a whole number of voxel vec4s run the pointwise kernel (no input
+/// packing): channel ranges in and out, Cin not a multiple of 4, ragged voxel and
+/// channel tiles, ReLU, no bias; odd voxel counts take the packed kernel.
+#[test]
+fn pointwise_convs_match_cpu() {
+    let ctx = gpu();
+    let mut cases = Vec::new();
+    for (cin, cout, size) in [
+        (5, 16, [2, 3, 6]),
+        (13, 3, [4, 4, 5]),
+        (8, 40, [3, 5, 4]),
+        (3, 7, [3, 3, 3]),
+    ] {
+        for (in_off, out_off, relu, bias) in [(0, 0, false, true), (2, 3, true, false)] {
+            cases.push(Case {
+                n: 2,
+                cin_total: cin + in_off + 1,
+                in_off,
+                cin,
+                cout,
+                out_total: cout + out_off + 2,
+                out_off,
+                size,
+                kernel: [1; 3],
+                spec: Conv3dSpec::default().with_relu(relu),
+                bias,
+            });
+        }
+    }
+    assert!(masnet_wgpu::ops::conv3d_pointwise::applies(
+        [1; 3],
+        &cases[0].spec,
+        36
+    ));
+    for (i, c) in cases.iter().enumerate() {
+        for v in variants(&ctx) {
+            run_case(&ctx, c, v, 90 + i as u64);
+        }
+    }
+}
+
 fn conv_err(ctx: &GpuContext, x: Shape5, w: Shape5, out: Shape5, spec: Conv3dSpec) -> String {
     let xt = Tensor::zeros(ctx, x, "x").unwrap();
     let wt = Tensor::zeros(ctx, w, "w").unwrap();

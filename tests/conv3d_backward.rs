@@ -152,6 +152,11 @@ fn gradients_match_cpu_for_mixacb_kernels() {
     {
         check_case(&ctx, &case(*k, Conv3dSpec::same(*k)), 10 + i as u64);
     }
+    // 1x1x1 on a whole number of voxel vec4s: the input gradient runs the pointwise
+    // kernel (Cin 5 and Cout 6 are not multiples of 4).
+    let mut pointwise = case([1; 3], Conv3dSpec::default());
+    pointwise.size = [4, 3, 6];
+    check_case(&ctx, &pointwise, 17);
 }
 
 #[test]

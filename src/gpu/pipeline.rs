@@ -56,6 +56,20 @@ impl PipelineKey {
         self
     }
 
+    /// `shader/entry` with the specialisation constants (profiles tell shapes apart).
+    pub fn label(&self) -> String {
+        let consts: Vec<String> = self
+            .consts
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        if consts.is_empty() {
+            format!("{}/{}", self.shader, self.entry)
+        } else {
+            format!("{}/{} [{}]", self.shader, self.entry, consts.join(" "))
+        }
+    }
+
     /// The WGSL prelude declaring the `const` items.
     pub fn prelude(&self) -> String {
         self.consts
@@ -166,7 +180,7 @@ impl PipelineCache {
         let cached = Arc::new(CachedPipeline {
             pipeline,
             layout,
-            name: format!("{}/{}", key.shader, key.entry),
+            name: key.label(),
         });
         if let Ok(mut m) = self.map.lock() {
             m.insert(key.clone(), cached.clone());

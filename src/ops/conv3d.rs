@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::{workgroup_grid, Binding, GpuContext, PipelineKey, Recorder};
 use crate::ops::conv3d_gemm::{gemm_packed, GemmConv, GemmTile};
+use crate::ops::conv3d_pointwise;
 use crate::ops::params::{dispatch, uniform_u32};
 use crate::ops::tune::{self, TuneSource};
 use crate::tensor::{ChannelSlice, Shape5, Tensor};
@@ -646,6 +647,13 @@ pub fn conv3d_forward_kernel(
         ConvKernel::Subgroup => subgroup_size_for(ctx, Conv3dVariant::Subgroup)?,
         _ => None,
     };
+    if conv3d_pointwise::applies([kd, kh, kw], spec, od * oh * ow) {
+        let tile = conv3d_pointwise::tile_for(cout);
+        let packed_w = pack_weight(ctx, rec, weight, false, tile.0)?;
+        return conv3d_pointwise::conv_pointwise(
+            ctx, rec, input, &packed_w, tile, sub, bias, output, spec.relu,
+        );
+    }
     let tile = tile_for(cout);
     let padded = ext(tile.tx);
     let packed_in = pack_input(ctx, rec, input, [1, 1, 1], pad, padded)?;

@@ -17,6 +17,7 @@ use crate::ops::conv3d::{
     Conv3dVariant, ConvKernel, PackedConv,
 };
 use crate::ops::conv3d_gemm::{gemm_packed, GemmConv};
+use crate::ops::conv3d_pointwise;
 use crate::ops::params::{dispatch, uniform_u32};
 use crate::ops::reduce::{sum_chunks, sum_rows};
 use crate::ops::tune::{self, TuneSource};
@@ -205,6 +206,14 @@ pub(crate) fn transposed_conv_kernel(
         ConvKernel::Subgroup => subgroup_size_for(ctx, Conv3dVariant::Subgroup)?,
         _ => None,
     };
+    // A 1x1x1 stride-1 conv's input gradient is a 1x1x1 conv too: no packing needed.
+    if conv3d_pointwise::applies(k, spec, id * ih * iw) {
+        let tile = conv3d_pointwise::tile_for(cin);
+        let packed_w = pack_weight(ctx, rec, weight, true, tile.0)?;
+        return conv3d_pointwise::conv_pointwise(
+            ctx, rec, grad_out, &packed_w, tile, sub, bias, grad_in, false,
+        );
+    }
     let tile = tile_for(cin);
     let padded = ext(tile.tx);
     let packed_g = pack_input(ctx, rec, grad_out, spec.stride, pad, padded)?;

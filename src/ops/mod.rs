@@ -6,6 +6,7 @@ pub mod batchnorm;
 pub mod conv3d;
 pub mod conv3d_backward;
 pub mod conv3d_gemm;
+pub mod conv3d_pointwise;
 pub mod conv_transpose3d;
 pub mod elementwise;
 pub mod loss;
@@ -23,6 +24,7 @@ pub fn shader_variants() -> Vec<(String, String)> {
     let mut v = conv3d::shader_variants();
     v.extend(conv3d_backward::shader_variants());
     v.extend(conv3d_gemm::shader_variants());
+    v.extend(conv3d_pointwise::shader_variants());
     v.extend(reduce::shader_variants());
     v.extend(elementwise::shader_variants());
     v.extend(batchnorm::shader_variants());
