@@ -18,7 +18,7 @@ pub fn applies(kernel: [usize; 3], spec: &Conv3dSpec, voxels: usize) -> bool {
         && spec.stride == [1; 3]
         && spec.pad_lo == [0; 3]
         && spec.pad_hi == [0; 3]
-        && voxels % 4 == 0
+        && voxels.is_multiple_of(4)
 }
 
 /// Output channels x vec4 of voxels per invocation: the channel tile of the
