@@ -345,6 +345,9 @@ pub fn bench_mixacb(ctx: &GpuContext, reps: usize) -> Result<Vec<BenchResult>> {
         &mut Builder::new(ctx, &mut ms_, &mut r2).sub("m"),
         true,
     )?;
+    for st in [&store, &fs, &ms_] {
+        st.freeze();
+    }
     let xs = Shape5::new(2, 64, 32, 32, 32);
     let x = std::rc::Rc::new(Tensor::from_slice(
         ctx,
@@ -378,6 +381,9 @@ pub fn bench_dunet_forward(ctx: &GpuContext, reps: usize) -> Result<Vec<BenchRes
     use crate::nn::{Dunet, DunetConfig, ModelForm};
     let mut store = ParamStore::new();
     let model = Dunet::new(ctx, &mut store, DunetConfig::default(), 1)?;
+    // Inference in every form: weights fixed, so their packed layouts are computed once
+    // (as `segment` does), for the branched graph too.
+    store.freeze();
     let xs = Shape5::new(1, 2, 32, 32, 32);
     let mut rng = Rng::new(4);
     let x = std::rc::Rc::new(Tensor::from_slice(
@@ -397,6 +403,7 @@ pub fn bench_dunet_forward(ctx: &GpuContext, reps: usize) -> Result<Vec<BenchRes
         (ModelForm::FoldedMerged, "dunet.forward.folded_merged"),
     ] {
         let (m, s) = model.convert(ctx, &store, form)?;
+        s.freeze();
         out.push(bench_graph(ctx, name, reps, |g| {
             let xv = g.input_shared(x.clone());
             m.forward(g, &s, xv, 0).map(|_| ())

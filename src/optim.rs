@@ -63,6 +63,12 @@ impl Adam {
                 continue;
             }
             let Some(g) = grads.get(id) else { continue };
+            if entry.value.is_frozen() {
+                return Err(Error::InvalidArgument(format!(
+                    "parameter '{}' is frozen (an inference-form model); train the training form",
+                    entry.name
+                )));
+            }
             let (m, v) = match self.moments.entry(id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {

@@ -111,17 +111,20 @@ pub struct Segmentation {
     pub windows: usize,
 }
 
-/// A model ready for inference: fused and folded unless it already is.
+/// A model ready for inference: fused and folded unless it already is, parameters frozen.
 pub fn inference_form(
     ctx: &GpuContext,
     model: Model,
     store: ParamStore,
 ) -> Result<(Model, ParamStore)> {
-    if model.form() == ModelForm::Training {
-        model.convert(ctx, &store, ModelForm::Folded)
+    let (model, store) = if model.form() == ModelForm::Training {
+        model.convert(ctx, &store, ModelForm::Folded)?
     } else {
-        Ok((model, store))
-    }
+        (model, store)
+    };
+    // Weights never change from here: pack them once, not per window.
+    store.freeze();
+    Ok((model, store))
 }
 
 /// Class labels and per-class probabilities of a normalised T1/T2 pair (`dims`

@@ -3,7 +3,9 @@
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, PooledBuffer, Recorder};
 use ndarray::Array5;
+use std::cell::RefCell;
 use std::fmt;
+use std::rc::Rc;
 
 /// A 5-D shape `(N, C, D, H, W)`; weights use `(Cout, Cin, kd, kh, kw)`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -62,6 +64,9 @@ pub struct Tensor {
     buf: PooledBuffer,
     /// Name used in error messages.
     pub name: String,
+    /// `Some` once frozen ([`Tensor::freeze`]): layouts derived from the contents (packed
+    /// weights), computed once and reused.
+    derived: RefCell<Option<Vec<(String, Rc<Tensor>)>>>,
 }
 
 impl fmt::Debug for Tensor {
@@ -101,7 +106,48 @@ impl Tensor {
                 ctx.pool.take(&ctx.device, bytes)
             },
             name: name.to_string(),
+            derived: RefCell::new(None),
         })
+    }
+
+    /// Marks the contents as fixed (an inference-form parameter), so derived layouts
+    /// such as packed convolution weights are computed once and cached with it.
+    pub fn freeze(&self) {
+        let mut d = self.derived.borrow_mut();
+        if d.is_none() {
+            *d = Some(Vec::new());
+        }
+    }
+
+    /// Whether [`Tensor::freeze`] was called.
+    pub fn is_frozen(&self) -> bool {
+        self.derived.borrow().is_some()
+    }
+
+    /// Forgets cached derived layouts (the contents were overwritten); stays frozen.
+    pub fn clear_derived(&self) {
+        if let Some(d) = self.derived.borrow_mut().as_mut() {
+            d.clear();
+        }
+    }
+
+    /// The layout `key` derived from this tensor by `make` (which records its GPU work):
+    /// computed on every call, or once if the tensor is frozen.
+    pub(crate) fn derived(
+        &self,
+        key: String,
+        make: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Rc<Tensor>> {
+        if let Some(d) = self.derived.borrow().as_ref() {
+            if let Some((_, t)) = d.iter().find(|(k, _)| *k == key) {
+                return Ok(t.clone());
+            }
+        }
+        let t = Rc::new(make()?);
+        if let Some(d) = self.derived.borrow_mut().as_mut() {
+            d.push((key, t.clone()));
+        }
+        Ok(t)
     }
 
     /// A tensor filled with zeros.
@@ -170,7 +216,11 @@ impl Tensor {
                 self.name, self.shape
             )));
         }
-        Ok(Self { shape, ..self })
+        Ok(Self {
+            shape,
+            derived: RefCell::new(None),
+            ..self
+        })
     }
 
     /// Uploads `data` (row-major NCDHW) as a tensor of `shape`.

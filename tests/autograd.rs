@@ -517,3 +517,56 @@ fn released_values_free_memory_and_keep_gradients() {
     assert!(msg.contains("released"), "{msg}");
     assert!(g.value(v).is_ok(), "inputs are never released");
 }
+
+/// Frozen (inference-form) parameters cache their packed convolution layouts (conv,
+/// 1x1x1 and transposed conv here); overwriting a value through the store drops the
+/// cache, and the optimiser refuses frozen parameters.
+#[test]
+fn frozen_parameters_cache_packed_weights_until_overwritten() {
+    use masnet_wgpu::ops::adam::AdamConfig;
+    use masnet_wgpu::optim::Adam;
+    let ctx = gpu();
+    let n = net(&ctx);
+    let (x, labels) = inputs(&ctx);
+    let before = loss_value(&ctx, &n, &x, &labels);
+    n.store.freeze();
+    assert_eq!(
+        loss_value(&ctx, &n, &x, &labels),
+        before,
+        "filling the cache"
+    );
+    assert_eq!(loss_value(&ctx, &n, &x, &labels), before, "from the cache");
+
+    let mut rng = Rng::new(99);
+    let mut new_values = Vec::new();
+    for id in [n.w1, n.wt, n.w2] {
+        let len = n.store.tensor(id).unwrap().shape().numel().unwrap();
+        let v = rng.vec_f32(len, -0.4, 0.4);
+        n.store.set(&ctx, id, &v).unwrap();
+        new_values.push((id, v));
+    }
+    let fresh = net(&ctx);
+    for (id, v) in &new_values {
+        fresh.store.set(&ctx, *id, v).unwrap();
+    }
+    let after = loss_value(&ctx, &n, &x, &labels);
+    assert_ne!(after, before);
+    assert_eq!(
+        after,
+        loss_value(&ctx, &fresh, &x, &labels),
+        "stale packed weights"
+    );
+
+    let mut g = Graph::new(&ctx, Mode::Train);
+    let xv = g.input(Tensor::from_slice(&ctx, Shape5::new(2, 2, 4, 6, 4), &x, "x").unwrap());
+    let lv =
+        g.input(Tensor::from_slice(&ctx, Shape5::new(2, 1, 4, 6, 4), &labels, "labels").unwrap());
+    let l = forward(&mut g, &n, xv, lv);
+    let grads = g.backward(l).unwrap();
+    let mut adam = Adam::new(AdamConfig::default()).unwrap();
+    let err = adam
+        .step(&ctx, g.recorder(), &n.store, &grads, 1e-3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("frozen"), "{err}");
+}

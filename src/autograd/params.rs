@@ -109,7 +109,16 @@ impl ParamStore {
         }
         ctx.queue
             .write_buffer(e.value.buffer(), 0, bytemuck::cast_slice(data));
+        e.value.clear_derived();
         Ok(())
+    }
+
+    /// Freezes every parameter ([`Tensor::freeze`]): an inference-form model whose
+    /// packed weights are then computed once. The optimiser refuses frozen parameters.
+    pub fn freeze(&self) {
+        for e in &self.entries {
+            e.value.freeze();
+        }
     }
 
     /// Reads the values of `id` back to the CPU.

@@ -10,6 +10,7 @@ use crate::ops::params::{dispatch, uniform_u32};
 use crate::ops::tune::{self, TuneSource};
 use crate::tensor::{ChannelSlice, Shape5, Tensor};
 use ndarray::Array5;
+use std::rc::Rc;
 
 /// Geometry of a convolution besides the kernel extent (which the weight gives).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -625,7 +626,7 @@ pub fn conv3d_forward_kernel(
     if let ConvKernel::Gemm(tile) = kernel {
         let padded = ext(1);
         let packed_in = pack_input(ctx, rec, input, [1, 1, 1], pad, padded)?;
-        let packed_w = pack_weight(ctx, rec, weight, false, tile.bn)?;
+        let packed_w = packed_weight(ctx, rec, weight, tile.bn)?;
         return gemm_packed(
             ctx,
             rec,
@@ -649,7 +650,7 @@ pub fn conv3d_forward_kernel(
     };
     if conv3d_pointwise::applies([kd, kh, kw], spec, od * oh * ow) {
         let tile = conv3d_pointwise::tile_for(cout);
-        let packed_w = pack_weight(ctx, rec, weight, false, tile.0)?;
+        let packed_w = packed_weight(ctx, rec, weight, tile.0)?;
         return conv3d_pointwise::conv_pointwise(
             ctx, rec, input, &packed_w, tile, sub, bias, output, spec.relu,
         );
@@ -657,7 +658,7 @@ pub fn conv3d_forward_kernel(
     let tile = tile_for(cout);
     let padded = ext(tile.tx);
     let packed_in = pack_input(ctx, rec, input, [1, 1, 1], pad, padded)?;
-    let packed_w = pack_weight(ctx, rec, weight, false, tile.tc)?;
+    let packed_w = packed_weight(ctx, rec, weight, tile.tc)?;
     conv_packed(
         ctx,
         rec,
@@ -746,6 +747,19 @@ pub(crate) fn pack_input(
         grid_for(ctx, total.div_ceil(WG))?,
     )?;
     Ok(packed)
+}
+
+/// The forward's packed weight for `tc`-channel tiles: recorded now, or the cached one
+/// of a frozen (inference-form) weight.
+pub(crate) fn packed_weight(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    weight: &Tensor,
+    tc: usize,
+) -> Result<Rc<Tensor>> {
+    weight.derived(format!("conv3d packed tc{tc}"), || {
+        pack_weight(ctx, rec, weight, false, tc)
+    })
 }
 
 /// Packs a `[Cout, Cin, kd, kh, kw]` weight into per-step blocks of `tc` output channels;

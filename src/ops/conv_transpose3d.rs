@@ -284,8 +284,14 @@ fn forward_direct(
     let pad = most.map(|m| (m - 1) as isize);
     let packed_in = pack_input(ctx, rec, input, [1, 1, 1], pad, padded)?;
     for (g, tile) in plan.groups.iter().zip(tiles) {
-        let w = conv_transpose3d_phase_weight(ctx, rec, weight, plan, g)?;
-        let packed_w = pack_weight(ctx, rec, &w, false, tile.tc)?;
+        let key = format!(
+            "convT phase s{:?} first{:?} taps{:?} tc{}",
+            plan.stride, g.first, g.taps, tile.tc
+        );
+        let packed_w = weight.derived(key, || {
+            let w = conv_transpose3d_phase_weight(ctx, rec, weight, plan, g)?;
+            pack_weight(ctx, rec, &w, false, tile.tc)
+        })?;
         let off: [isize; 3] =
             std::array::from_fn(|a| g.first[a] as isize - plan.pad_lo[a] as isize);
         conv_packed(
