@@ -58,6 +58,9 @@ impl Shape5 {
     }
 }
 
+/// Layouts derived from a frozen tensor, by key.
+type DerivedLayouts = Vec<(String, Rc<Tensor>)>;
+
 /// An f32 tensor living in a GPU buffer.
 pub struct Tensor {
     shape: Shape5,
@@ -66,7 +69,7 @@ pub struct Tensor {
     pub name: String,
     /// `Some` once frozen ([`Tensor::freeze`]): layouts derived from the contents (packed
     /// weights), computed once and reused.
-    derived: RefCell<Option<Vec<(String, Rc<Tensor>)>>>,
+    derived: RefCell<Option<DerivedLayouts>>,
 }
 
 impl fmt::Debug for Tensor {
