@@ -282,33 +282,63 @@ pub fn bench_tconv_forward(
     })
 }
 
-/// Times the eval-mode forward of `run` (a graph built by `build`), reporting the
-/// graph's own FLOP count.
-fn bench_graph(
+/// A named graph builder for [`bench_graphs`].
+type GraphBuild<'a> = (
+    &'a str,
+    Box<dyn FnMut(&mut crate::autograd::Graph<'_>) -> Result<()> + 'a>,
+);
+
+/// Times the no-grad eval-mode forward of each graph (built by its closure), reporting
+/// each graph's own FLOP count and the most live tensor bytes above what was live before
+/// it (activations and temporaries; weights and their cached packings stay resident). The forms run round-robin, one rep
+/// of each in turn after a warm-up of each, so a shared machine's drifting speed
+/// affects them alike and their ratios hold within the run.
+fn bench_graphs(
     ctx: &GpuContext,
-    name: &str,
     reps: usize,
-    mut build: impl FnMut(&mut crate::autograd::Graph<'_>) -> Result<()>,
-) -> Result<BenchResult> {
+    mut forms: Vec<GraphBuild<'_>>,
+) -> Result<Vec<BenchResult>> {
     use crate::autograd::{Graph, Mode};
-    let mut flops = 0.0;
-    ctx.wait()?;
-    ctx.pool.reset_peak();
-    let ms = median_ms(reps, || {
-        let mut g = Graph::no_grad(ctx, Mode::Eval);
-        build(&mut g)?;
-        flops = g.forward_flops();
-        g.submit();
-        ctx.wait()
-    })?;
-    Ok(BenchResult {
-        name: name.to_string(),
-        ms,
-        gflops: flops / (ms * 1e6),
-        adapter: ctx.adapter_name(),
-        peak_mib: Some(mib(ctx.pool.memory().peak_in_use)),
-        dice: None,
-    })
+    let mut times = vec![Vec::new(); forms.len()];
+    let mut flops = vec![0.0; forms.len()];
+    let mut peaks = vec![0u64; forms.len()];
+    for rep in 0..=reps.max(1) {
+        for (i, (_, build)) in forms.iter_mut().enumerate() {
+            ctx.wait()?;
+            ctx.pool.reset_peak();
+            let resident = ctx.pool.memory().in_use;
+            let start = Instant::now();
+            let mut g = Graph::no_grad(ctx, Mode::Eval);
+            build(&mut g)?;
+            flops[i] = g.forward_flops();
+            g.submit();
+            ctx.wait()?;
+            drop(g);
+            let peak = ctx.pool.memory().peak_in_use.saturating_sub(resident);
+            peaks[i] = peaks[i].max(peak);
+            // Rep 0 warms up (pipelines, tuning, packed weights).
+            if rep > 0 {
+                times[i].push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    Ok(forms
+        .iter()
+        .zip(times.iter_mut())
+        .enumerate()
+        .map(|(i, ((name, _), t))| {
+            t.sort_by(f64::total_cmp);
+            let ms = t[t.len() / 2];
+            BenchResult {
+                name: name.to_string(),
+                ms,
+                gflops: flops[i] / (ms * 1e6),
+                adapter: ctx.adapter_name(),
+                peak_mib: Some(mib(peaks[i])),
+                dice: None,
+            }
+        })
+        .collect())
 }
 
 /// MixACB of a dense layer (N2 C64->16 32^3, the paper's 3:1 split) in its three
@@ -356,20 +386,33 @@ pub fn bench_mixacb(ctx: &GpuContext, reps: usize) -> Result<Vec<BenchResult>> {
         "x",
     )?);
     let input = |g: &mut crate::autograd::Graph<'_>| g.input_shared(x.clone());
-    Ok(vec![
-        bench_graph(ctx, "mixacb.branched", reps, |g| {
-            let xv = input(g);
-            block.forward(g, &store, xv, 0).map(|_| ())
-        })?,
-        bench_graph(ctx, "mixacb.fused", reps, |g| {
-            let xv = input(g);
-            fused.forward(g, &fs, xv, 0).map(|_| ())
-        })?,
-        bench_graph(ctx, "mixacb.merged", reps, |g| {
-            let xv = input(g);
-            merged.forward(g, &ms_, xv, 0).map(|_| ())
-        })?,
-    ])
+    bench_graphs(
+        ctx,
+        reps,
+        vec![
+            (
+                "mixacb.branched",
+                Box::new(|g| {
+                    let xv = input(g);
+                    block.forward(g, &store, xv, 0).map(|_| ())
+                }),
+            ),
+            (
+                "mixacb.fused",
+                Box::new(|g| {
+                    let xv = input(g);
+                    fused.forward(g, &fs, xv, 0).map(|_| ())
+                }),
+            ),
+            (
+                "mixacb.merged",
+                Box::new(|g| {
+                    let xv = input(g);
+                    merged.forward(g, &ms_, xv, 0).map(|_| ())
+                }),
+            ),
+        ],
+    )
 }
 
 /// DU-Net+MixACB (paper configuration) forward on one 32^3 two-channel patch, eval
@@ -392,10 +435,7 @@ pub fn bench_dunet_forward(ctx: &GpuContext, reps: usize) -> Result<Vec<BenchRes
         &rng.vec_f32(xs.numel()?, -1.0, 1.0),
         "x",
     )?);
-    let mut out = vec![bench_graph(ctx, "dunet.forward.branched", reps, |g| {
-        let xv = g.input_shared(x.clone());
-        model.forward(g, &store, xv, 0).map(|_| ())
-    })?];
+    let mut converted = Vec::new();
     for (form, name) in [
         (ModelForm::Fused, "dunet.forward.fused"),
         (ModelForm::FusedMerged, "dunet.forward.merged"),
@@ -404,12 +444,26 @@ pub fn bench_dunet_forward(ctx: &GpuContext, reps: usize) -> Result<Vec<BenchRes
     ] {
         let (m, s) = model.convert(ctx, &store, form)?;
         s.freeze();
-        out.push(bench_graph(ctx, name, reps, |g| {
-            let xv = g.input_shared(x.clone());
-            m.forward(g, &s, xv, 0).map(|_| ())
-        })?);
+        converted.push((name, m, s));
     }
-    Ok(out)
+    let mut forms: Vec<GraphBuild<'_>> = vec![(
+        "dunet.forward.branched",
+        Box::new(|g| {
+            let xv = g.input_shared(x.clone());
+            model.forward(g, &store, xv, 0).map(|_| ())
+        }),
+    )];
+    for (name, m, s) in &converted {
+        let x = x.clone();
+        forms.push((
+            name,
+            Box::new(move |g| {
+                let xv = g.input_shared(x.clone());
+                m.forward(g, s, xv, 0).map(|_| ())
+            }),
+        ));
+    }
+    bench_graphs(ctx, reps, forms)
 }
 
 /// One DU-Net+MixACB training step (paper configuration, `batch` × 32³ patches: forward,
