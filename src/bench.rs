@@ -81,13 +81,57 @@ pub fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> 
     Ok(t[t.len() / 2])
 }
 
-/// Times one conv3d forward workload with the given kernel variant.
-pub fn bench_conv_forward(
+/// One prepared benchmark: its name, FLOPs per run, and a closure that records,
+/// submits and waits for one run.
+pub struct Runner<'a> {
+    /// Row name.
+    pub name: String,
+    /// Floating-point operations of one run.
+    pub flops: f64,
+    /// One run (record, submit, wait).
+    pub run: Box<dyn FnMut() -> Result<()> + 'a>,
+}
+
+/// Median milliseconds of each runner after one warm-up run of each, the runners taking
+/// turns rep by rep so a shared machine's drifting speed affects them alike.
+pub fn round_robin(
     ctx: &GpuContext,
+    reps: usize,
+    mut runners: Vec<Runner<'_>>,
+) -> Result<Vec<BenchResult>> {
+    let mut times = vec![Vec::new(); runners.len()];
+    for rep in 0..=reps.max(1) {
+        for (r, t) in runners.iter_mut().zip(times.iter_mut()) {
+            let s = Instant::now();
+            (r.run)()?;
+            if rep > 0 {
+                t.push(s.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    Ok(runners
+        .iter()
+        .zip(times.iter_mut())
+        .map(|(r, t)| {
+            t.sort_by(f64::total_cmp);
+            let ms = t[t.len() / 2];
+            BenchResult {
+                name: r.name.clone(),
+                ms,
+                gflops: r.flops / (ms * 1e6),
+                adapter: ctx.adapter_name(),
+                ..BenchResult::default()
+            }
+        })
+        .collect())
+}
+
+/// A conv3d forward workload with the given kernel variant, ready to time.
+pub fn conv_forward_runner<'a>(
+    ctx: &'a GpuContext,
     w: &ConvWorkload,
     variant: Conv3dVariant,
-    reps: usize,
-) -> Result<BenchResult> {
+) -> Result<Runner<'a>> {
     let mut rng = Rng::new(1);
     let xs = Shape5::new(w.n, w.cin, w.size, w.size, w.size);
     let [kd, kh, kw] = w.kernel;
@@ -103,28 +147,36 @@ pub fn bench_conv_forward(
         "b",
     )?;
     let out = Tensor::empty(ctx, os, "out")?;
-    let ms = median_ms(reps, || {
-        let mut rec = ctx.recorder();
-        conv3d_forward(
-            ctx,
-            &mut rec,
-            x.all(),
-            &wt,
-            Some(&b),
-            out.all(),
-            &spec,
-            variant,
-        )?;
-        ctx.submit(rec);
-        ctx.wait()
-    })?;
-    Ok(BenchResult {
+    Ok(Runner {
         name: w.name.to_string(),
-        ms,
-        gflops: conv3d_flops(os, ws) / (ms * 1e6),
-        adapter: ctx.adapter_name(),
-        ..BenchResult::default()
+        flops: conv3d_flops(os, ws),
+        run: Box::new(move || {
+            let mut rec = ctx.recorder();
+            conv3d_forward(
+                ctx,
+                &mut rec,
+                x.all(),
+                &wt,
+                Some(&b),
+                out.all(),
+                &spec,
+                variant,
+            )?;
+            ctx.submit(rec);
+            ctx.wait()
+        }),
     })
+}
+
+/// Times one conv3d forward workload with the given kernel variant.
+pub fn bench_conv_forward(
+    ctx: &GpuContext,
+    w: &ConvWorkload,
+    variant: Conv3dVariant,
+    reps: usize,
+) -> Result<BenchResult> {
+    let r = conv_forward_runner(ctx, w, variant)?;
+    Ok(round_robin(ctx, reps, vec![r])?.remove(0))
 }
 
 /// Times conv3d backward for W1: input gradient (`conv3d.bwd_input.W1`) and weight
@@ -219,16 +271,15 @@ pub fn tconv_workloads() -> Vec<TconvWorkload> {
     vec![w("convT.fwd.k2s2", 2), w("convT.fwd.k3s2", 3)]
 }
 
-/// Times one transposed-conv forward workload in the phase form (`dilated`: false, the
-/// operator) or the dilated form it replaced (zeros inserted, dense convolution).
-/// GFLOP/s counts the useful work `2 N Cin Cout k^3 n_in^3` for both.
-pub fn bench_tconv_forward(
-    ctx: &GpuContext,
+/// One transposed-conv forward workload in the phase form (`dilated`: false, the
+/// operator) or the dilated form it replaced (zeros inserted, dense convolution), ready
+/// to time. FLOPs count the useful work `2 N Cin Cout k^3 n_in^3` for both.
+pub fn tconv_forward_runner<'a>(
+    ctx: &'a GpuContext,
     w: &TconvWorkload,
     dilated: bool,
     variant: Conv3dVariant,
-    reps: usize,
-) -> Result<BenchResult> {
+) -> Result<Runner<'a>> {
     use crate::ops::conv_transpose3d::{
         conv_transpose3d_check, conv_transpose3d_forward, conv_transpose3d_forward_dilated,
         ConvTranspose3dSpec,
@@ -248,38 +299,46 @@ pub fn bench_tconv_forward(
         "b",
     )?;
     let out = Tensor::empty(ctx, os, "out")?;
-    let run = if dilated {
+    let op = if dilated {
         conv_transpose3d_forward_dilated
     } else {
         conv_transpose3d_forward
     };
-    let ms = median_ms(reps, || {
-        let mut rec = ctx.recorder();
-        run(
-            ctx,
-            &mut rec,
-            x.all(),
-            &wt,
-            Some(&b),
-            out.all(),
-            &spec,
-            variant,
-        )?;
-        ctx.submit(rec);
-        ctx.wait()
-    })?;
-    let flops = 2.0 * xs.numel()? as f64 * (w.cout * k * k * k) as f64;
-    Ok(BenchResult {
+    Ok(Runner {
         name: if dilated {
             format!("{}.dilated", w.name)
         } else {
             w.name.to_string()
         },
-        ms,
-        gflops: flops / (ms * 1e6),
-        adapter: ctx.adapter_name(),
-        ..BenchResult::default()
+        flops: 2.0 * xs.numel()? as f64 * (w.cout * k * k * k) as f64,
+        run: Box::new(move || {
+            let mut rec = ctx.recorder();
+            op(
+                ctx,
+                &mut rec,
+                x.all(),
+                &wt,
+                Some(&b),
+                out.all(),
+                &spec,
+                variant,
+            )?;
+            ctx.submit(rec);
+            ctx.wait()
+        }),
     })
+}
+
+/// Times one transposed-conv forward workload (see [`tconv_forward_runner`]).
+pub fn bench_tconv_forward(
+    ctx: &GpuContext,
+    w: &TconvWorkload,
+    dilated: bool,
+    variant: Conv3dVariant,
+    reps: usize,
+) -> Result<BenchResult> {
+    let r = tconv_forward_runner(ctx, w, dilated, variant)?;
+    Ok(round_robin(ctx, reps, vec![r])?.remove(0))
 }
 
 /// A named graph builder for [`bench_graphs`].

@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use masnet_wgpu::bench::{
     bench_conv_backward_w1, bench_conv_forward, bench_dunet_forward, bench_mixacb, bench_segment,
-    bench_tconv_forward, bench_train_step, conv_workloads, tconv_workloads, BenchResult,
+    bench_train_step, conv_forward_runner, conv_workloads, round_robin, tconv_forward_runner,
+    tconv_workloads, BenchResult,
 };
 use masnet_wgpu::gpu::list_adapters;
 use masnet_wgpu::nn::io::load_model;
@@ -283,15 +284,15 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
                 .as_ref()
                 .is_none_or(|f| name.contains(f.as_str()))
         };
-        // The bar is relative to W1's forward: measure it in the same run (`all` has it).
-        if matches!(args.suite, BenchSuite::Tconv) {
-            let w1 = &conv_workloads()[0];
-            if named(w1.name) {
-                extra.push(
-                    bench_conv_forward(&ctx, w1, Conv3dVariant::Auto, args.reps)
-                        .with_context(|| format!("benchmark {}", w1.name))?,
-                );
-            }
+        // The bar is relative to W1's forward: W1 runs in the same rounds as the
+        // transposed convs (`all` measures it again with the conv suite).
+        let mut runners = Vec::new();
+        let w1 = &conv_workloads()[0];
+        if named(w1.name) {
+            let mut r = conv_forward_runner(&ctx, w1, Conv3dVariant::Auto)
+                .with_context(|| format!("benchmark {}", w1.name))?;
+            r.name = format!("{} (tconv rounds)", w1.name);
+            runners.push(r);
         }
         for w in tconv_workloads() {
             for dilated in [false, true] {
@@ -302,14 +303,13 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
                 )) {
                     continue;
                 }
-                let r = bench_tconv_forward(&ctx, &w, dilated, Conv3dVariant::Auto, args.reps)
-                    .with_context(|| format!("benchmark {}", w.name))?;
-                if !args.json {
-                    eprintln!("{}: {:.2} ms", r.name, r.ms);
-                }
-                extra.push(r);
+                runners.push(
+                    tconv_forward_runner(&ctx, &w, dilated, Conv3dVariant::Auto)
+                        .with_context(|| format!("benchmark {}", w.name))?,
+                );
             }
         }
+        extra.extend(round_robin(&ctx, args.reps, runners).context("benchmark tconv")?);
     }
     if wants(BenchSuite::Train) {
         extra.push(bench_train_step(&ctx, 2, args.reps).context("benchmark training step")?);
