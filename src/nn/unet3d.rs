@@ -198,29 +198,41 @@ impl Unet3d {
                 self.config.in_channels
             )));
         }
-        let h = self.input.forward(g, s, x, 0)?;
-        let mut h = g.relu(h)?;
+        // Every value is released after its last use (see `Graph::release`).
+        let y = self.input.forward(g, s, x, 0)?;
+        let mut h = g.relu(y)?;
+        g.release(y)?;
         let mut skips = Vec::new();
         for block in &self.enc {
             skips.push(h);
             let p = g.maxpool3d(h, PoolSpec::cube(2, 2, 0))?;
             let y = block.forward(g, s, p, 0)?;
             h = g.relu(y)?;
+            g.release(p)?;
+            g.release(y)?;
         }
         for (u, block) in self.up.iter().zip(&self.dec) {
-            let t = u.up.forward(g, s, h)?;
+            let up = u.up.forward(g, s, h)?;
+            g.release(h)?;
             let t = match &u.bn {
-                Some(bn) => bn.forward(g, s, t)?,
-                None => t,
+                Some(bn) => bn.forward(g, s, up)?,
+                None => up,
             };
             let skip = skips
                 .pop()
                 .ok_or_else(|| Error::InvalidArgument("3D U-Net skip mismatch".into()))?;
             let sum = g.add(skip, t)?;
+            for v in [up, t, skip] {
+                g.release(v)?;
+            }
             let y = block.forward(g, s, sum, 0)?;
             h = g.relu(y)?;
+            g.release(sum)?;
+            g.release(y)?;
         }
-        self.head.forward(g, s, h)
+        let out = self.head.forward(g, s, h)?;
+        g.release(h)?;
+        Ok(out)
     }
 
     /// Calls `f` on every BatchNorm of the model (e.g. to change momentum for a
