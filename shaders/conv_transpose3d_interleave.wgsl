@@ -85,7 +85,7 @@ struct InterleaveParams {
     rows: u32, cout: u32, out_c_total: u32, out_c_off: u32,
     od: u32, oh: u32, ow: u32, phase_c: u32,
     td: u32, th: u32, tw: u32, has_bias: u32,
-    sd: u32, sh: u32, sw: u32, pad0: u32,
+    sd: u32, sh: u32, sw: u32, relu: u32,
     pd: u32, ph: u32, pw: u32, pad1: u32,
     ed: u32, eh: u32, ew: u32, pad2: u32,
     g0: u32, g1: u32, g2: u32, g3: u32,
@@ -176,6 +176,14 @@ fn row_of(i: u32) -> Row {
     return row;
 }
 
+// ReLU when asked (select, not max: NaN must propagate, see elementwise.wgsl).
+fn epilogue(v: f32) -> f32 {
+    if (p.relu != 0u) {
+        return select(v, 0.0, v < 0.0);
+    }
+    return v;
+}
+
 // The phase value at the row's current W position (0 for a class without taps), then
 // one position on.
 fn take(row: ptr<function, Row>) -> f32 {
@@ -213,7 +221,7 @@ fn interleave(
     }
     var row = row_of(i);
     for (var ox = 0u; ox < p.ow; ox++) {
-        dst[row.obase + ox] = take(&row) + row.bias;
+        dst[row.obase + ox] = epilogue(take(&row) + row.bias);
     }
 }
 
@@ -240,6 +248,11 @@ fn interleave_vec4(
         let v1 = take(&row);
         let v2 = take(&row);
         let v3 = take(&row);
-        dst[base + x4] = vec4<f32>(v0, v1, v2, v3) + row.bias;
+        dst[base + x4] = vec4<f32>(
+            epilogue(v0 + row.bias),
+            epilogue(v1 + row.bias),
+            epilogue(v2 + row.bias),
+            epilogue(v3 + row.bias),
+        );
     }
 }

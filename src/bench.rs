@@ -310,7 +310,7 @@ pub fn tconv_forward_runner<'a>(
         } else {
             w.name.to_string()
         },
-        flops: 2.0 * xs.numel()? as f64 * (w.cout * k * k * k) as f64,
+        flops: crate::ops::conv_transpose3d::conv_transpose3d_flops(xs, ws),
         run: Box::new(move || {
             let mut rec = ctx.recorder();
             op(

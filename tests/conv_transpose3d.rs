@@ -343,6 +343,17 @@ fn phase_plan_of_the_paper_geometries() {
 /// GPU forward (phase path) against the f64 reference: N=2, Cin=3, Cout=5, written into
 /// channels 2..7 of a 9-channel output filled with a sentinel that must survive.
 fn check_forward(input: [usize; 3], kernel: [usize; 3], spec: ConvTranspose3dSpec, seed: u64) {
+    check_forward_relu(input, kernel, spec, seed, false);
+}
+
+/// [`check_forward`] with the fused ReLU when `relu`.
+fn check_forward_relu(
+    input: [usize; 3],
+    kernel: [usize; 3],
+    spec: ConvTranspose3dSpec,
+    seed: u64,
+    relu: bool,
+) {
     let ctx = gpu();
     let (n, cin, cout, off, ctot) = (2, 3, 5, 2, 9);
     let x = random([n, cin + 1, input[0], input[1], input[2]], seed);
@@ -352,6 +363,11 @@ fn check_forward(input: [usize; 3], kernel: [usize; 3], spec: ConvTranspose3dSpe
     // The input range is channels 1..4 of x.
     let x_in = x.slice(s![.., 1.., .., .., ..]).mapv(f64::from);
     let want = conv_transpose3d_forward_f64(&x_in, &w.mapv(f64::from), Some(&b64), &spec).unwrap();
+    let want = if relu {
+        want.mapv(|v| v.max(0.0))
+    } else {
+        want
+    };
     let ws = want.shape().to_vec();
     let oshape = Shape5::new(n, ctot, ws[2], ws[3], ws[4]);
     const SENTINEL: f32 = 7.5;
@@ -362,7 +378,7 @@ fn check_forward(input: [usize; 3], kernel: [usize; 3], spec: ConvTranspose3dSpe
         let yt = Tensor::from_slice(&ctx, oshape, &vec![SENTINEL; oshape.numel().unwrap()], "y")
             .unwrap();
         let mut rec = ctx.recorder();
-        conv_transpose3d_forward(
+        conv_transpose3d_forward_relu(
             &ctx,
             &mut rec,
             xt.channels(1, cin).unwrap(),
@@ -371,6 +387,7 @@ fn check_forward(input: [usize; 3], kernel: [usize; 3], spec: ConvTranspose3dSpe
             yt.channels(off, cout).unwrap(),
             &spec,
             v,
+            relu,
         )
         .unwrap();
         ctx.submit(rec);
@@ -648,4 +665,24 @@ fn interleave_and_phase_weight_reject_bad_input() {
         &ConvTranspose3dSpec::torch([2; 3], [0; 3], [2; 3])
     )
     .is_err());
+}
+
+/// The fused ReLU in both forward paths: direct phase stores (k >= s, register-tiled
+/// kernels) and the interleave pass (GEMM variant, and k < s).
+#[test]
+fn fused_relu_in_every_forward_path() {
+    check_forward_relu(
+        [3, 4, 5],
+        [3; 3],
+        ConvTranspose3dSpec::keras_same([3; 3], [2; 3]),
+        500,
+        true,
+    );
+    check_forward_relu(
+        [3, 2, 4],
+        [1, 2, 2],
+        ConvTranspose3dSpec::torch([2; 3], [0; 3], [1, 0, 0]),
+        510,
+        true,
+    );
 }

@@ -11,8 +11,8 @@ use crate::ops::conv3d_backward::{
 };
 use crate::ops::conv_transpose3d::{
     conv_transpose3d_backward_bias, conv_transpose3d_backward_input,
-    conv_transpose3d_backward_weight, conv_transpose3d_check, conv_transpose3d_forward,
-    ConvTranspose3dSpec,
+    conv_transpose3d_backward_weight, conv_transpose3d_check, conv_transpose3d_flops,
+    conv_transpose3d_forward, conv_transpose3d_forward_relu, ConvTranspose3dSpec,
 };
 use crate::ops::elementwise;
 use crate::ops::loss;
@@ -57,6 +57,40 @@ impl Graph<'_> {
         let (st, dt) = (self.tensor(src)?, self.tensor(dst)?);
         let range = dt.channels(offset, st.shape().c())?;
         elementwise::copy_channels(self.ctx, &mut self.rec, st.all(), range)
+    }
+
+    /// A transposed conv (+ ReLU when `relu`) writing into channels `out_offset..` of
+    /// `dst` instead of a new value (no-grad graphs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_transpose3d_into(
+        &mut self,
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+        spec: ConvTranspose3dSpec,
+        relu: bool,
+        dst: Var,
+        out_offset: usize,
+    ) -> Result<()> {
+        self.require_no_grad("conv_transpose3d_into")?;
+        let (xt, wt, dt) = (self.tensor(x)?, self.tensor(w)?, self.tensor(dst)?);
+        let bt = b.map(|b| self.tensor(b)).transpose()?;
+        let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;
+        let oshape =
+            conv_transpose3d_check(xt.shape(), xt.shape().c(), wt.shape(), bias_len, &spec)?;
+        conv_transpose3d_forward_relu(
+            self.ctx,
+            &mut self.rec,
+            xt.all(),
+            &wt,
+            bt.as_deref(),
+            dt.channels(out_offset, oshape.c())?,
+            &spec,
+            AUTO,
+            relu,
+        )?;
+        self.flops += conv_transpose3d_flops(xt.shape(), wt.shape());
+        Ok(())
     }
 
     /// [`Graph::conv3d_channels`] writing its result into channels `out_offset..` of `dst`
@@ -208,6 +242,7 @@ impl Graph<'_> {
             &spec,
             AUTO,
         )?;
+        self.flops += conv_transpose3d_flops(xt.shape(), wt.shape());
         let mut inputs = vec![x, w];
         inputs.extend(b);
         let has_bias = b.is_some();

@@ -213,7 +213,7 @@ impl Dunet {
         // Each stage's input as channel parts (the decoder's skip and up-sampled
         // tensor); every value is released after its last use, so inference reuses
         // buffers by liveness and training keeps only what backward closures hold.
-        let mut parts = vec![self.init.forward_relu(g, s, x, 0)?];
+        let mut parts = vec![Part::Value(self.init.forward_relu(g, s, x, 0)?)];
         let mut skips = Vec::new();
         let mut layer_index = 0u32;
         // Inference writes each dense block's concatenation into one buffer through
@@ -222,17 +222,36 @@ impl Dunet {
         for (d, layers) in self.dense.iter().enumerate() {
             let mut h = if in_place {
                 let mut shapes = Vec::new();
-                for &p in &parts {
-                    shapes.push(g.value(p)?.shape());
+                for p in &parts {
+                    shapes.push(match p {
+                        Part::Value(v) => g.value(*v)?.shape(),
+                        Part::Up(v, u) => {
+                            let hs = g.value(*v)?.shape();
+                            let [od, oh, ow] =
+                                u.up.spec.output_spatial(hs.spatial(), u.up.kernel)?;
+                            Shape5::new(hs.n(), u.up.cout, od, oh, ow)
+                        }
+                    });
                 }
                 let c0: usize = shapes.iter().map(|s| s.c()).sum();
                 let total = c0 + layers.len() * self.config.growth;
                 let [n, _, dd, hh, ww] = shapes[0].0;
                 let buf = g.buffer(Shape5::new(n, total, dd, hh, ww), "dense block")?;
                 let mut c = 0;
-                for (&p, ps) in parts.iter().zip(&shapes) {
-                    g.write_channels(p, buf, c)?;
-                    g.release(p)?;
+                for (p, ps) in parts.iter().zip(&shapes) {
+                    match p {
+                        Part::Value(v) => {
+                            g.write_channels(*v, buf, c)?;
+                            g.release(*v)?;
+                        }
+                        // Transposed conv + bias + ReLU straight into the buffer.
+                        Part::Up(v, u) => {
+                            let w = g.param(s, u.up.weight)?;
+                            let b = u.up.bias.map(|b| g.param(s, b)).transpose()?;
+                            g.conv_transpose3d_into(*v, w, b, u.up.spec, true, buf, c)?;
+                            g.release(*v)?;
+                        }
+                    }
                     c += ps.c();
                 }
                 for layer in layers {
@@ -243,17 +262,27 @@ impl Dunet {
                 }
                 buf
             } else {
-                let h = match parts.as_slice() {
+                let mut vs = Vec::new();
+                for p in &parts {
+                    match p {
+                        Part::Value(v) => vs.push(*v),
+                        Part::Up(..) => {
+                            return Err(Error::InvalidArgument(
+                                "DU-Net: a pending up-sampling outside in-place inference".into(),
+                            ))
+                        }
+                    }
+                }
+                match vs.as_slice() {
                     [one] => *one,
                     _ => {
-                        let h = g.concat(&parts)?;
-                        for &p in &parts {
-                            g.release(p)?;
+                        let h = g.concat(&vs)?;
+                        for &v in &vs {
+                            g.release(v)?;
                         }
                         h
                     }
-                };
-                h
+                }
             };
             for layer in layers.iter().filter(|_| !in_place) {
                 let b = layer.bottleneck.forward_relu(g, s, h, 0)?;
@@ -272,9 +301,17 @@ impl Dunet {
             if let Some((reduce, strided)) = self.down.get(d) {
                 skips.push(h);
                 let r = reduce.forward_relu(g, s, h, 0)?;
-                parts = vec![strided.forward_relu(g, s, r, 0)?];
+                parts = vec![Part::Value(strided.forward_relu(g, s, r, 0)?)];
                 g.release(r)?;
             } else if let Some(u) = self.up.get(d - self.config.levels) {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::InvalidArgument("DU-Net skip mismatch".into()))?;
+                if in_place && u.bn.is_none() {
+                    // Written by the next block straight into its buffer.
+                    parts = vec![Part::Value(skip), Part::Up(h, u)];
+                    continue;
+                }
                 let t = u.up.forward(g, s, h)?;
                 g.release(h)?;
                 let t = match &u.bn {
@@ -287,16 +324,13 @@ impl Dunet {
                 };
                 let r = g.relu(t)?;
                 g.release(t)?;
-                let skip = skips
-                    .pop()
-                    .ok_or_else(|| Error::InvalidArgument("DU-Net skip mismatch".into()))?;
-                parts = vec![skip, r];
+                parts = vec![Part::Value(skip), Part::Value(r)];
             } else {
-                parts = vec![h];
+                parts = vec![Part::Value(h)];
             }
         }
         let h = match parts.as_slice() {
-            [one] => *one,
+            [Part::Value(one)] => *one,
             _ => return Err(Error::InvalidArgument("DU-Net ends in a skip".into())),
         };
         let out = self.head.forward(g, s, h)?;
@@ -400,4 +434,12 @@ impl Dunet {
         };
         Ok((model, store))
     }
+}
+
+/// A channel part of a dense block's input: a value, or the decoder's up-sampling of a
+/// value (transposed conv + ReLU) that in-place inference writes straight into the
+/// block's buffer.
+enum Part<'m> {
+    Value(Var),
+    Up(Var, &'m UpLayer),
 }

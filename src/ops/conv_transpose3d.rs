@@ -33,6 +33,15 @@ use crate::ops::params::{launch, Arg};
 use crate::tensor::{ChannelSlice, Shape5, Tensor};
 use ndarray::Array5;
 
+/// Floating-point operations of a transposed conv's useful work (2 per multiply-add):
+/// every input value times every output channel and tap, `2 N Cin Cout k^3 n_in^3`
+/// (cropped border taps included; the zeros of the dilated form are not).
+pub fn conv_transpose3d_flops(input: Shape5, weight: Shape5) -> f64 {
+    let [cin, cout, kd, kh, kw] = weight.0;
+    let [id, ih, iw] = input.spatial();
+    2.0 * (input.n() * cin * id * ih * iw) as f64 * (cout * kd * kh * kw) as f64
+}
+
 /// Geometry of a transposed convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvTranspose3dSpec {
@@ -194,6 +203,22 @@ pub fn conv_transpose3d_forward(
     spec: &ConvTranspose3dSpec,
     variant: Conv3dVariant,
 ) -> Result<()> {
+    conv_transpose3d_forward_relu(ctx, rec, input, weight, bias, output, spec, variant, false)
+}
+
+/// [`conv_transpose3d_forward`], with `relu` applied in the epilogue (after the bias).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_transpose3d_forward_relu(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    input: ChannelSlice<'_>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    output: ChannelSlice<'_>,
+    spec: &ConvTranspose3dSpec,
+    variant: Conv3dVariant,
+    relu: bool,
+) -> Result<()> {
     let bias_len = bias.map(|b| b.shape().numel()).transpose()?;
     let ishape = input.tensor.shape();
     let expect = conv_transpose3d_check(ishape, input.count, weight.shape(), bias_len, spec)?;
@@ -222,7 +247,7 @@ pub fn conv_transpose3d_forward(
             }
         };
         if !matches!(kernel, ConvKernel::Gemm(_)) {
-            return forward_direct(ctx, rec, input, weight, bias, output, &plan, kernel);
+            return forward_direct(ctx, rec, input, weight, bias, output, &plan, kernel, relu);
         }
     }
     let [td, th, tw] = plan.extent;
@@ -245,7 +270,7 @@ pub fn conv_transpose3d_forward(
             variant,
         )?;
     }
-    conv_transpose3d_interleave(ctx, rec, &phases, &plan, bias, output)
+    interleave(ctx, rec, &phases, &plan, bias, output, relu)
 }
 
 /// The phase convolutions on one shared packing of the input, each storing straight
@@ -260,6 +285,7 @@ fn forward_direct(
     output: ChannelSlice<'_>,
     plan: &PhasePlan,
     kernel: ConvKernel,
+    relu: bool,
 ) -> Result<()> {
     let cout = weight.shape().0[1];
     let sub = match kernel {
@@ -321,7 +347,7 @@ fn forward_direct(
                 offset: output.offset,
                 count: g.classes.iter().product::<usize>() * cout,
             },
-            false,
+            relu,
         )?;
     }
     Ok(())
@@ -578,6 +604,18 @@ pub fn conv_transpose3d_interleave(
     bias: Option<&Tensor>,
     output: ChannelSlice<'_>,
 ) -> Result<()> {
+    interleave(ctx, rec, phases, plan, bias, output, false)
+}
+
+fn interleave(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    phases: &Tensor,
+    plan: &PhasePlan,
+    bias: Option<&Tensor>,
+    output: ChannelSlice<'_>,
+    relu: bool,
+) -> Result<()> {
     let ps = phases.shape();
     let os = output.tensor.shape();
     let cout = output.count;
@@ -638,7 +676,7 @@ pub fn conv_transpose3d_interleave(
         sd,
         sh,
         sw,
-        0,
+        usize::from(relu),
         pd,
         ph,
         pw,
