@@ -192,6 +192,17 @@ impl Dunet {
         })
     }
 
+    /// For encoder dense block `d`: the up-sampling layer feeding its decoder block and
+    /// that block's layer count.
+    fn decoder_of(&self, d: usize) -> Option<(&UpLayer, usize)> {
+        let levels = self.config.levels;
+        if d >= levels {
+            return None;
+        }
+        let up = self.up.get(levels - d - 1)?;
+        Some((up, self.dense.get(2 * levels - d)?.len()))
+    }
+
     /// Logits `[N, classes, D, H, W]` for input `[N, in_channels, D, H, W]`; spatial
     /// sizes must be multiples of `2^levels`. `dropout_seed` varies the dropout masks
     /// per step (training mode only).
@@ -216,6 +227,8 @@ impl Dunet {
         let mut parts = vec![Part::Value(self.init.forward_relu(g, s, x, 0)?)];
         let mut skips = Vec::new();
         let mut layer_index = 0u32;
+        // Channels of the current block's buffer in use (in-place inference).
+        let mut used = 0;
         // Inference writes each dense block's concatenation into one buffer through
         // channel offsets (no copies of the growing input per layer).
         let in_place = !g.grad_enabled() && g.mode() == Mode::Eval;
@@ -225,6 +238,10 @@ impl Dunet {
                 for p in &parts {
                     shapes.push(match p {
                         Part::Value(v) => g.value(*v)?.shape(),
+                        Part::Held(v, used) => {
+                            let [n, _, dd, hh, ww] = g.value(*v)?.shape().0;
+                            Shape5::new(n, *used, dd, hh, ww)
+                        }
                         Part::Up(v, u) => {
                             let hs = g.value(*v)?.shape();
                             let [od, oh, ow] =
@@ -236,10 +253,31 @@ impl Dunet {
                 let c0: usize = shapes.iter().map(|s| s.c()).sum();
                 let total = c0 + layers.len() * self.config.growth;
                 let [n, _, dd, hh, ww] = shapes[0].0;
-                let buf = g.buffer(Shape5::new(n, total, dd, hh, ww), "dense block")?;
+                let buf = match parts.first() {
+                    // The encoder's buffer already holds the skip and has room for the rest.
+                    Some(Part::Held(v, _)) => {
+                        let have = g.value(*v)?.shape().c();
+                        if have < total {
+                            return Err(Error::InvalidArgument(format!(
+                                "DU-Net: dense block {d} needs {total} channels, its buffer has {have}"
+                            )));
+                        }
+                        *v
+                    }
+                    _ => {
+                        // An encoder block also leaves room for its decoder: the
+                        // up-sampled channels and the decoder's layers (no skip copy).
+                        let room = match self.decoder_of(d) {
+                            Some((up, dec)) => up.up.cout + dec * self.config.growth,
+                            None => 0,
+                        };
+                        g.buffer(Shape5::new(n, total + room, dd, hh, ww), "dense block")?
+                    }
+                };
                 let mut c = 0;
                 for (p, ps) in parts.iter().zip(&shapes) {
                     match p {
+                        Part::Held(..) => {}
                         Part::Value(v) => {
                             g.write_channels(*v, buf, c)?;
                             g.release(*v)?;
@@ -260,13 +298,14 @@ impl Dunet {
                     g.release(b)?;
                     c += self.config.growth;
                 }
+                used = c;
                 buf
             } else {
                 let mut vs = Vec::new();
                 for p in &parts {
                     match p {
                         Part::Value(v) => vs.push(*v),
-                        Part::Up(..) => {
+                        Part::Held(..) | Part::Up(..) => {
                             return Err(Error::InvalidArgument(
                                 "DU-Net: a pending up-sampling outside in-place inference".into(),
                             ))
@@ -299,17 +338,22 @@ impl Dunet {
                 h = next;
             }
             if let Some((reduce, strided)) = self.down.get(d) {
-                skips.push(h);
+                skips.push((h, used));
                 let r = reduce.forward_relu(g, s, h, 0)?;
                 parts = vec![Part::Value(strided.forward_relu(g, s, r, 0)?)];
                 g.release(r)?;
             } else if let Some(u) = self.up.get(d - self.config.levels) {
-                let skip = skips
+                let (skip, skip_used) = skips
                     .pop()
                     .ok_or_else(|| Error::InvalidArgument("DU-Net skip mismatch".into()))?;
+                let first = if in_place {
+                    Part::Held(skip, skip_used)
+                } else {
+                    Part::Value(skip)
+                };
                 if in_place && u.bn.is_none() {
                     // Written by the next block straight into its buffer.
-                    parts = vec![Part::Value(skip), Part::Up(h, u)];
+                    parts = vec![first, Part::Up(h, u)];
                     continue;
                 }
                 let t = u.up.forward(g, s, h)?;
@@ -324,7 +368,7 @@ impl Dunet {
                 };
                 let r = g.relu(t)?;
                 g.release(t)?;
-                parts = vec![Part::Value(skip), Part::Value(r)];
+                parts = vec![first, Part::Value(r)];
             } else {
                 parts = vec![Part::Value(h)];
             }
@@ -441,5 +485,8 @@ impl Dunet {
 /// block's buffer.
 enum Part<'m> {
     Value(Var),
+    /// An encoder block's buffer holding this many channels (the skip), with room for
+    /// the decoder block's other parts and layers.
+    Held(Var, usize),
     Up(Var, &'m UpLayer),
 }
