@@ -174,13 +174,20 @@ impl ConvKernel {
         }
     }
 
-    /// What the tuner times for `cout` output channels on this adapter.
+    /// What the tuner times for `cout` output channels on this adapter (the GEMM family
+    /// only on GPU adapters).
     pub fn candidates(ctx: &GpuContext, cout: usize) -> Vec<Self> {
         let mut v = Vec::new();
         if usable_subgroup(ctx).is_some() {
             v.push(Self::Subgroup);
         }
         v.push(Self::Tiled);
+        // On CPU adapters workgroup memory is ordinary memory and every barrier switches
+        // lane coroutines: the GEMM lost every class by 3-50x on lavapipe, and timing it
+        // on whole-brain windows took a minute (up to 5 s per run), so it is not tried.
+        if ctx.info.device_type == wgpu::DeviceType::Cpu {
+            return v;
+        }
         let mem = ctx.limits.max_compute_workgroup_storage_size as usize;
         v.extend(
             GemmTile::candidates(cout)
