@@ -551,16 +551,18 @@ pub fn bench_train_step(ctx: &GpuContext, batch: usize, reps: usize) -> Result<B
     let voxels = batch * 32 * 32 * 32;
     let x = rng.vec_f32(2 * voxels, -1.0, 1.0);
     let y: Vec<f32> = (0..voxels).map(|_| (rng.next_u64() % 4) as f32).collect();
+    // FLOPs scale with the batch: count one patch (an inference graph, so nothing here
+    // allocates more than the training step itself).
     let flops = {
         let mut g = Graph::no_grad(ctx, Mode::Eval);
         let xv = g.input(Tensor::from_slice(
             ctx,
-            Shape5::new(batch, 2, 32, 32, 32),
-            &x,
+            Shape5::new(1, 2, 32, 32, 32),
+            &x[..2 * 32 * 32 * 32],
             "x",
         )?);
         trainer.model.forward(&mut g, &trainer.store, xv, 0)?;
-        g.forward_flops()
+        g.forward_flops() * batch as f64
     };
     // The first step creates the Adam moments; the peak covers the steady state.
     trainer.train_step(&x, &y, 1e-4)?;
