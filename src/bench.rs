@@ -132,27 +132,75 @@ pub fn conv_forward_runner<'a>(
     w: &ConvWorkload,
     variant: Conv3dVariant,
 ) -> Result<Runner<'a>> {
-    let mut rng = Rng::new(1);
     let xs = Shape5::new(w.n, w.cin, w.size, w.size, w.size);
     let [kd, kh, kw] = w.kernel;
     let ws = Shape5::new(w.cout, w.cin, kd, kh, kw);
     let spec = Conv3dSpec::same(w.kernel);
     let os = conv3d_check(xs, (0, w.cin), ws, Some(w.cout), &spec)?;
-    let x = Tensor::from_slice(ctx, xs, &rng.vec_f32(xs.numel()?, -1.0, 1.0), "x")?;
-    let wt = Tensor::from_slice(ctx, ws, &rng.vec_f32(ws.numel()?, -0.1, 0.1), "w")?;
-    let b = Tensor::from_slice(
+    let t = random_operands(ctx, 1, xs, ws, w.cout, os)?;
+    Ok(op_runner(
         ctx,
-        Shape5::new(1, w.cout, 1, 1, 1),
-        &rng.vec_f32(w.cout, -0.1, 0.1),
-        "b",
-    )?;
-    let out = Tensor::empty(ctx, os, "out")?;
-    Ok(Runner {
-        name: w.name.to_string(),
-        flops: conv3d_flops(os, ws),
+        w.name.to_string(),
+        conv3d_flops(os, ws),
+        t,
+        spec,
+        variant,
+        conv3d_forward,
+    ))
+}
+
+/// Signature shared by the conv and transposed-conv forward launchers.
+type ConvLikeOp<S> = fn(
+    &GpuContext,
+    &mut crate::gpu::Recorder,
+    crate::tensor::ChannelSlice<'_>,
+    &Tensor,
+    Option<&Tensor>,
+    crate::tensor::ChannelSlice<'_>,
+    &S,
+    Conv3dVariant,
+) -> Result<()>;
+
+/// Uniform random input, weight and bias (`seed`) and an output tensor.
+fn random_operands(
+    ctx: &GpuContext,
+    seed: u64,
+    xs: Shape5,
+    ws: Shape5,
+    cout: usize,
+    os: Shape5,
+) -> Result<[Tensor; 4]> {
+    let mut rng = Rng::new(seed);
+    Ok([
+        Tensor::from_slice(ctx, xs, &rng.vec_f32(xs.numel()?, -1.0, 1.0), "x")?,
+        Tensor::from_slice(ctx, ws, &rng.vec_f32(ws.numel()?, -0.1, 0.1), "w")?,
+        Tensor::from_slice(
+            ctx,
+            Shape5::new(1, cout, 1, 1, 1),
+            &rng.vec_f32(cout, -0.1, 0.1),
+            "b",
+        )?,
+        Tensor::empty(ctx, os, "out")?,
+    ])
+}
+
+/// A runner recording `op` on operands `[x, w, b, out]` (all channels), then submitting
+/// and waiting.
+fn op_runner<'a, S: 'a>(
+    ctx: &'a GpuContext,
+    name: String,
+    flops: f64,
+    [x, wt, b, out]: [Tensor; 4],
+    spec: S,
+    variant: Conv3dVariant,
+    op: ConvLikeOp<S>,
+) -> Runner<'a> {
+    Runner {
+        name,
+        flops,
         run: Box::new(move || {
             let mut rec = ctx.recorder();
-            conv3d_forward(
+            op(
                 ctx,
                 &mut rec,
                 x.all(),
@@ -165,7 +213,7 @@ pub fn conv_forward_runner<'a>(
             ctx.submit(rec);
             ctx.wait()
         }),
-    })
+    }
 }
 
 /// Times one conv3d forward workload with the given kernel variant.
@@ -281,52 +329,34 @@ pub fn tconv_forward_runner<'a>(
     variant: Conv3dVariant,
 ) -> Result<Runner<'a>> {
     use crate::ops::conv_transpose3d::{
-        conv_transpose3d_check, conv_transpose3d_forward, conv_transpose3d_forward_dilated,
-        ConvTranspose3dSpec,
+        conv_transpose3d_check, conv_transpose3d_flops, conv_transpose3d_forward,
+        conv_transpose3d_forward_dilated, ConvTranspose3dSpec,
     };
-    let mut rng = Rng::new(5);
     let xs = Shape5::new(w.n, w.cin, w.size, w.size, w.size);
     let k = w.kernel;
     let ws = Shape5::new(w.cin, w.cout, k, k, k);
     let spec = ConvTranspose3dSpec::keras_same([k; 3], [w.stride; 3]);
     let os = conv_transpose3d_check(xs, w.cin, ws, Some(w.cout), &spec)?;
-    let x = Tensor::from_slice(ctx, xs, &rng.vec_f32(xs.numel()?, -1.0, 1.0), "x")?;
-    let wt = Tensor::from_slice(ctx, ws, &rng.vec_f32(ws.numel()?, -0.1, 0.1), "w")?;
-    let b = Tensor::from_slice(
-        ctx,
-        Shape5::new(1, w.cout, 1, 1, 1),
-        &rng.vec_f32(w.cout, -0.1, 0.1),
-        "b",
-    )?;
-    let out = Tensor::empty(ctx, os, "out")?;
-    let op = if dilated {
+    let t = random_operands(ctx, 5, xs, ws, w.cout, os)?;
+    let name = if dilated {
+        format!("{}.dilated", w.name)
+    } else {
+        w.name.to_string()
+    };
+    let op: ConvLikeOp<ConvTranspose3dSpec> = if dilated {
         conv_transpose3d_forward_dilated
     } else {
         conv_transpose3d_forward
     };
-    Ok(Runner {
-        name: if dilated {
-            format!("{}.dilated", w.name)
-        } else {
-            w.name.to_string()
-        },
-        flops: crate::ops::conv_transpose3d::conv_transpose3d_flops(xs, ws),
-        run: Box::new(move || {
-            let mut rec = ctx.recorder();
-            op(
-                ctx,
-                &mut rec,
-                x.all(),
-                &wt,
-                Some(&b),
-                out.all(),
-                &spec,
-                variant,
-            )?;
-            ctx.submit(rec);
-            ctx.wait()
-        }),
-    })
+    Ok(op_runner(
+        ctx,
+        name,
+        conv_transpose3d_flops(xs, ws),
+        t,
+        spec,
+        variant,
+        op,
+    ))
 }
 
 /// Times one transposed-conv forward workload (see [`tconv_forward_runner`]).

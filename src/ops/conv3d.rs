@@ -327,27 +327,11 @@ pub fn conv3d_source(tile: ConvTile, kw: usize, sw: usize, subgroup: bool, phase
     for r in 0..row {
         let _ = writeln!(mac, "                let i{r} = inp[rb + {r}u];");
     }
-    if subgroup {
-        for r in 0..nw.div_ceil(8) {
-            let _ = writeln!(
-                mac,
-                "                let wl{r} = wts[wb + min({}u + j, NW - 1u)];",
-                r * 8
-            );
-        }
-    }
-    for idx in 0..nw {
+    let (loads, weights) = weight_lines(nw, "NW", subgroup);
+    mac.push_str(&loads);
+    for (idx, line) in weights.iter().enumerate() {
         let (c, kx) = (idx / kw, idx % kw);
-        if subgroup {
-            let _ = writeln!(
-                mac,
-                "                let w{idx} = subgroupShuffle(wl{}, blk + {}u);",
-                idx / 8,
-                idx % 8
-            );
-        } else {
-            let _ = writeln!(mac, "                let w{idx} = wts[wb + {idx}u];");
-        }
+        mac.push_str(line);
         for t in 0..tx {
             let _ = writeln!(
                 mac,
@@ -372,6 +356,36 @@ pub fn conv3d_source(tile: ConvTile, kw: usize, sw: usize, subgroup: bool, phase
         .replace("    //{{ACC_DECL}}\n", &acc)
         .replace("                //{{MAC_BLOCK}}\n", &mac)
         .replace("    //{{EPILOGUE}}\n", &epi)
+}
+
+/// Generated WGSL for the `count` weight `vec4`s of one step (`w0`, `w1`, ...) at `wb`:
+/// with subgroups, lane j of each 8-lane block loads vec4s j, j+8, ... (bounded by the
+/// const `last`) and each weight is a shuffle from its block; without, one load each.
+/// Returns the block loads and one line per weight.
+pub(crate) fn weight_lines(count: usize, last: &str, subgroup: bool) -> (String, Vec<String>) {
+    let mut loads = String::new();
+    if subgroup {
+        for r in 0..count.div_ceil(8) {
+            loads += &format!(
+                "        let wl{r} = wts[wb + min({}u + j, {last} - 1u)];\n",
+                r * 8
+            );
+        }
+    }
+    let lines = (0..count)
+        .map(|i| {
+            if subgroup {
+                format!(
+                    "        let w{i} = subgroupShuffle(wl{}, blk + {}u);\n",
+                    i / 8,
+                    i % 8
+                )
+            } else {
+                format!("        let w{i} = wts[wb + {i}u];\n")
+            }
+        })
+        .collect();
+    (loads, lines)
 }
 
 /// Every shader of this op family, specialised as the launcher would (name, WGSL),

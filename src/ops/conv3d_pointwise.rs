@@ -4,7 +4,7 @@
 
 use crate::error::Result;
 use crate::gpu::{Binding, GpuContext, PipelineKey, Recorder};
-use crate::ops::conv3d::{as_u32, grid_for, u32s, Conv3dSpec, ConvTile};
+use crate::ops::conv3d::{as_u32, grid_for, u32s, weight_lines, Conv3dSpec, ConvTile};
 use crate::ops::params::{dispatch, uniform_u32};
 use crate::tensor::{ChannelSlice, Tensor};
 
@@ -56,26 +56,10 @@ pub fn pointwise_source(tc: usize, xv: usize, subgroup: bool) -> String {
             let _ = writeln!(tail, "        let x{k}_{v} = load_in(n, c + {k}u, vv{v});");
         }
     }
-    if subgroup {
-        for r in 0..tc.div_ceil(8) {
-            let _ = writeln!(
-                mac,
-                "        let wl{r} = wts[wb + min({}u + j, TC - 1u)];",
-                r * 8
-            );
-        }
-    }
-    for c in 0..tc {
-        if subgroup {
-            let _ = writeln!(
-                mac,
-                "        let w{c} = subgroupShuffle(wl{}, blk + {}u);",
-                c / 8,
-                c % 8
-            );
-        } else {
-            let _ = writeln!(mac, "        let w{c} = wts[wb + {c}u];");
-        }
+    let (loads, weights) = weight_lines(tc, "TC", subgroup);
+    mac.push_str(&loads);
+    for (c, line) in weights.iter().enumerate() {
+        mac.push_str(line);
         for v in 0..xv {
             let _ = writeln!(
                 mac,
