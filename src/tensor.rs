@@ -136,11 +136,16 @@ impl Tensor {
 
     /// The layout `key` derived from this tensor by `make` (which records its GPU work):
     /// computed on every call, or once if the tensor is frozen.
+    /// `key` is only built for a frozen tensor (no allocation per op otherwise).
     pub(crate) fn derived(
         &self,
-        key: String,
+        key: impl FnOnce() -> String,
         make: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Rc<Tensor>> {
+        if !self.is_frozen() {
+            return Ok(Rc::new(make()?));
+        }
+        let key = key();
         if let Some(d) = self.derived.borrow().as_ref() {
             if let Some((_, t)) = d.iter().find(|(k, _)| *k == key) {
                 return Ok(t.clone());

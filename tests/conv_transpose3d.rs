@@ -241,6 +241,7 @@ fn axis_geometries() -> Vec<Axis> {
                                 pad_lo: [pl, 0, 0],
                                 pad_hi: [ph, 0, 0],
                                 output_padding: [op, 0, 0],
+                                relu: false,
                             };
                             let ok = conv_transpose3d_check(
                                 Shape5::new(1, 1, n, 1, 1),
@@ -273,6 +274,7 @@ fn geometry(d: Axis, h: Axis, w: Axis) -> ([usize; 3], [usize; 3], ConvTranspose
             pad_lo: ax.map(|a| a.3),
             pad_hi: ax.map(|a| a.4),
             output_padding: ax.map(|a| a.5),
+            relu: false,
         },
     )
 }
@@ -378,16 +380,15 @@ fn check_forward_relu(
         let yt = Tensor::from_slice(&ctx, oshape, &vec![SENTINEL; oshape.numel().unwrap()], "y")
             .unwrap();
         let mut rec = ctx.recorder();
-        conv_transpose3d_forward_relu(
+        conv_transpose3d_forward(
             &ctx,
             &mut rec,
             xt.channels(1, cin).unwrap(),
             &wt,
             Some(&bt),
             yt.channels(off, cout).unwrap(),
-            &spec,
+            &spec.with_relu(relu),
             v,
-            relu,
         )
         .unwrap();
         ctx.submit(rec);
@@ -535,6 +536,7 @@ fn interleave_kernel_matches_reference() {
             pad_lo: [2, 1, 1],
             pad_hi: [1, 0, 1],
             output_padding: [2, 1, 0],
+            relu: false,
         },
         false,
     );
@@ -685,4 +687,27 @@ fn fused_relu_in_every_forward_path() {
         510,
         true,
     );
+}
+
+/// A fused ReLU has no backward: gradient graphs refuse it, no-grad graphs run it.
+#[test]
+fn fused_relu_is_refused_in_gradient_graphs() {
+    use masnet_wgpu::autograd::{Graph, Mode};
+    let ctx = gpu();
+    let spec = ConvTranspose3dSpec::keras_same([3; 3], [2; 3]).with_relu(true);
+    let x = random([1, 2, 2, 2, 2], 600);
+    let w = random([2, 3, 3, 3, 3], 601);
+    let run = |grad: bool| {
+        let mut g = if grad {
+            Graph::new(&ctx, Mode::Eval)
+        } else {
+            Graph::no_grad(&ctx, Mode::Eval)
+        };
+        let xv = g.variable(Tensor::from_array(&ctx, &x, "x").unwrap());
+        let wv = g.input(Tensor::from_array(&ctx, &w, "w").unwrap());
+        g.conv_transpose3d(xv, wv, None, spec).map(|_| ())
+    };
+    let e = run(true).unwrap_err().to_string();
+    assert!(e.contains("fused ReLU"), "{e}");
+    assert!(run(false).is_ok());
 }

@@ -12,7 +12,7 @@ use crate::ops::conv3d_backward::{
 use crate::ops::conv_transpose3d::{
     conv_transpose3d_backward_bias, conv_transpose3d_backward_input,
     conv_transpose3d_backward_weight, conv_transpose3d_check, conv_transpose3d_flops,
-    conv_transpose3d_forward, conv_transpose3d_forward_relu, ConvTranspose3dSpec,
+    conv_transpose3d_forward, ConvTranspose3dSpec,
 };
 use crate::ops::elementwise;
 use crate::ops::loss;
@@ -59,16 +59,14 @@ impl Graph<'_> {
         elementwise::copy_channels(self.ctx, &mut self.rec, st.all(), range)
     }
 
-    /// A transposed conv (+ ReLU when `relu`) writing into channels `out_offset..` of
-    /// `dst` instead of a new value (no-grad graphs).
-    #[allow(clippy::too_many_arguments)]
+    /// A transposed conv (+ ReLU when `spec.relu`) writing into channels `out_offset..`
+    /// of `dst` instead of a new value (no-grad graphs).
     pub fn conv_transpose3d_into(
         &mut self,
         x: Var,
         w: Var,
         b: Option<Var>,
         spec: ConvTranspose3dSpec,
-        relu: bool,
         dst: Var,
         out_offset: usize,
     ) -> Result<()> {
@@ -78,7 +76,7 @@ impl Graph<'_> {
         let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;
         let oshape =
             conv_transpose3d_check(xt.shape(), xt.shape().c(), wt.shape(), bias_len, &spec)?;
-        conv_transpose3d_forward_relu(
+        conv_transpose3d_forward(
             self.ctx,
             &mut self.rec,
             xt.all(),
@@ -87,7 +85,6 @@ impl Graph<'_> {
             dt.channels(out_offset, oshape.c())?,
             &spec,
             AUTO,
-            relu,
         )?;
         self.flops += conv_transpose3d_flops(xt.shape(), wt.shape());
         Ok(())
@@ -225,6 +222,12 @@ impl Graph<'_> {
         b: Option<Var>,
         spec: ConvTranspose3dSpec,
     ) -> Result<Var> {
+        if spec.relu && self.grad_enabled {
+            return Err(Error::InvalidArgument(
+                "conv_transpose3d: a fused ReLU has no backward; use relu() in gradient graphs"
+                    .into(),
+            ));
+        }
         let (xt, wt) = (self.tensor(x)?, self.tensor(w)?);
         let bt = b.map(|b| self.tensor(b)).transpose()?;
         let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;

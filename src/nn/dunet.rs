@@ -286,7 +286,7 @@ impl Dunet {
                         Part::Up(v, u) => {
                             let w = g.param(s, u.up.weight)?;
                             let b = u.up.bias.map(|b| g.param(s, b)).transpose()?;
-                            g.conv_transpose3d_into(*v, w, b, u.up.spec, true, buf, c)?;
+                            g.conv_transpose3d_into(*v, w, b, u.up.spec.with_relu(true), buf, c)?;
                             g.release(*v)?;
                         }
                     }

@@ -377,7 +377,9 @@ impl FusedMixAcb {
     ) -> Result<Var> {
         if g.grad_enabled() {
             let y = self.forward(g, store, x, offset)?;
-            return g.relu(y);
+            let r = g.relu(y)?;
+            g.release(y)?;
+            return Ok(r);
         }
         self.forward_maybe_relu(g, store, x, offset, true)
     }

@@ -778,9 +778,10 @@ pub(crate) fn packed_weight(
     weight: &Tensor,
     tc: usize,
 ) -> Result<Rc<Tensor>> {
-    weight.derived(format!("conv3d packed tc{tc}"), || {
-        pack_weight(ctx, rec, weight, false, tc)
-    })
+    weight.derived(
+        || format!("conv3d packed tc{tc}"),
+        || pack_weight(ctx, rec, weight, false, tc),
+    )
 }
 
 /// Packs a `[Cout, Cin, kd, kh, kw]` weight into per-step blocks of `tc` output channels;

@@ -53,6 +53,8 @@ pub struct ConvTranspose3dSpec {
     pub pad_hi: [usize; 3],
     /// Extra voxels at the end of each axis (PyTorch `output_padding`, < stride).
     pub output_padding: [usize; 3],
+    /// Apply ReLU to the output (fused epilogue; inference only, like `Conv3dSpec::relu`).
+    pub relu: bool,
 }
 
 impl ConvTranspose3dSpec {
@@ -66,7 +68,14 @@ impl ConvTranspose3dSpec {
             pad_hi: std::array::from_fn(|a| total[a] - lo[a]),
             // With k < s the cropped conv would be too short; pad the end instead.
             output_padding: std::array::from_fn(|a| stride[a].saturating_sub(kernel[a])),
+            relu: false,
         }
+    }
+
+    /// The same geometry with ReLU in the epilogue or not.
+    pub fn with_relu(mut self, relu: bool) -> Self {
+        self.relu = relu;
+        self
     }
 
     /// PyTorch `ConvTranspose3d(kernel, stride, padding, output_padding)`.
@@ -76,6 +85,7 @@ impl ConvTranspose3dSpec {
             pad_lo: padding,
             pad_hi: padding,
             output_padding,
+            relu: false,
         }
     }
 
@@ -189,9 +199,10 @@ fn check_output(
     Ok(())
 }
 
-/// Records `output[:, range] = conv_transpose3d(input[:, range], weight) + bias` by
-/// phase decomposition (see [`PhasePlan`]): one stride-1 `conv3d_forward` per kernel
-/// extent into a phase tensor, then [`conv_transpose3d_interleave`].
+/// Records `output[:, range] = conv_transpose3d(input[:, range], weight) + bias` (then
+/// ReLU when `spec.relu`) by phase decomposition (see [`PhasePlan`]): one stride-1
+/// convolution per kernel extent, storing straight into the output or through a phase
+/// tensor and [`conv_transpose3d_interleave`].
 #[allow(clippy::too_many_arguments)]
 pub fn conv_transpose3d_forward(
     ctx: &GpuContext,
@@ -203,22 +214,7 @@ pub fn conv_transpose3d_forward(
     spec: &ConvTranspose3dSpec,
     variant: Conv3dVariant,
 ) -> Result<()> {
-    conv_transpose3d_forward_relu(ctx, rec, input, weight, bias, output, spec, variant, false)
-}
-
-/// [`conv_transpose3d_forward`], with `relu` applied in the epilogue (after the bias).
-#[allow(clippy::too_many_arguments)]
-pub fn conv_transpose3d_forward_relu(
-    ctx: &GpuContext,
-    rec: &mut Recorder,
-    input: ChannelSlice<'_>,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    output: ChannelSlice<'_>,
-    spec: &ConvTranspose3dSpec,
-    variant: Conv3dVariant,
-    relu: bool,
-) -> Result<()> {
+    let relu = spec.relu;
     let bias_len = bias.map(|b| b.shape().numel()).transpose()?;
     let ishape = input.tensor.shape();
     let expect = conv_transpose3d_check(ishape, input.count, weight.shape(), bias_len, spec)?;
@@ -310,10 +306,12 @@ fn forward_direct(
     let pad = most.map(|m| (m - 1) as isize);
     let packed_in = pack_input(ctx, rec, input, [1, 1, 1], pad, padded)?;
     for (g, tile) in plan.groups.iter().zip(tiles) {
-        let key = format!(
-            "convT phase s{:?} first{:?} taps{:?} tc{}",
-            plan.stride, g.first, g.taps, tile.tc
-        );
+        let key = || {
+            format!(
+                "convT phase s{:?} first{:?} taps{:?} tc{}",
+                plan.stride, g.first, g.taps, tile.tc
+            )
+        };
         let packed_w = weight.derived(key, || {
             let w = conv_transpose3d_phase_weight(ctx, rec, weight, plan, g)?;
             pack_weight(ctx, rec, &w, false, tile.tc)
@@ -376,6 +374,11 @@ pub(crate) fn conv_transpose3d_forward_dilated(
         spec,
     )?;
     check_output("conv_transpose3d", expect, &output, &input)?;
+    if spec.relu {
+        return Err(Error::InvalidArgument(
+            "conv_transpose3d (dilated benchmark form): no fused ReLU".into(),
+        ));
+    }
     transposed_conv(
         ctx,
         rec,
