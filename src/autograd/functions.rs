@@ -28,6 +28,8 @@ fn empty(ctx: &GpuContext, shape: Shape5, name: &str) -> Result<Tensor> {
     Tensor::empty(ctx, shape, name)
 }
 
+/// Input, weight, optional bias and the bias length of a conv-like op.
+type ConvOperands = (Rc<Tensor>, Rc<Tensor>, Option<Rc<Tensor>>, Option<usize>);
 impl Graph<'_> {
     fn tensor(&self, v: Var) -> Result<Rc<Tensor>> {
         Ok(self.value(v)?.clone())
@@ -59,6 +61,15 @@ impl Graph<'_> {
         elementwise::copy_channels(self.ctx, &mut self.rec, st.all(), range)
     }
 
+    /// The tensors of a conv-like op's input, weight and optional bias, and the bias
+    /// length for its shape check.
+    fn conv_operands(&self, x: Var, w: Var, b: Option<Var>) -> Result<ConvOperands> {
+        let (xt, wt) = (self.tensor(x)?, self.tensor(w)?);
+        let bt = b.map(|b| self.tensor(b)).transpose()?;
+        let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;
+        Ok((xt, wt, bt, bias_len))
+    }
+
     /// A transposed conv (+ ReLU when `spec.relu`) writing into channels `out_offset..`
     /// of `dst` instead of a new value (no-grad graphs).
     pub fn conv_transpose3d_into(
@@ -71,9 +82,8 @@ impl Graph<'_> {
         out_offset: usize,
     ) -> Result<()> {
         self.require_no_grad("conv_transpose3d_into")?;
-        let (xt, wt, dt) = (self.tensor(x)?, self.tensor(w)?, self.tensor(dst)?);
-        let bt = b.map(|b| self.tensor(b)).transpose()?;
-        let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;
+        let (xt, wt, bt, bias_len) = self.conv_operands(x, w, b)?;
+        let dt = self.tensor(dst)?;
         let oshape =
             conv_transpose3d_check(xt.shape(), xt.shape().c(), wt.shape(), bias_len, &spec)?;
         conv_transpose3d_forward(
@@ -105,9 +115,8 @@ impl Graph<'_> {
         out_offset: usize,
     ) -> Result<()> {
         self.require_no_grad("conv3d_channels_into")?;
-        let (xt, wt, dt) = (self.tensor(x)?, self.tensor(w)?, self.tensor(dst)?);
-        let bt = b.map(|b| self.tensor(b)).transpose()?;
-        let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;
+        let (xt, wt, bt, bias_len) = self.conv_operands(x, w, b)?;
+        let dt = self.tensor(dst)?;
         let oshape = conv3d_check(xt.shape(), (offset, count), wt.shape(), bias_len, &spec)?;
         let out = dt.channels(out_offset, oshape.c())?;
         conv3d_forward(
@@ -141,9 +150,7 @@ impl Graph<'_> {
         b: Option<Var>,
         spec: Conv3dSpec,
     ) -> Result<Var> {
-        let (xt, wt) = (self.tensor(x)?, self.tensor(w)?);
-        let bt = b.map(|b| self.tensor(b)).transpose()?;
-        let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;
+        let (xt, wt, bt, bias_len) = self.conv_operands(x, w, b)?;
         let oshape = conv3d_check(xt.shape(), (offset, count), wt.shape(), bias_len, &spec)?;
         let ctx = self.ctx;
         let y = Rc::new(empty(ctx, oshape, "conv3d")?);
@@ -228,9 +235,7 @@ impl Graph<'_> {
                     .into(),
             ));
         }
-        let (xt, wt) = (self.tensor(x)?, self.tensor(w)?);
-        let bt = b.map(|b| self.tensor(b)).transpose()?;
-        let bias_len = bt.as_ref().map(|b| b.shape().numel()).transpose()?;
+        let (xt, wt, bt, bias_len) = self.conv_operands(x, w, b)?;
         let oshape =
             conv_transpose3d_check(xt.shape(), xt.shape().c(), wt.shape(), bias_len, &spec)?;
         let ctx = self.ctx;
