@@ -82,6 +82,18 @@ fn assert_same_curve(reference: &[(u64, f64)], part: &[(u64, f64)], what: &str) 
     }
 }
 
+/// Milliseconds the run in `out` spent in epochs 2 and later (`metrics.jsonl`).
+fn remaining_epochs_ms(out: &Path) -> u64 {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let seconds: f64 = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["epoch"].as_u64().unwrap() >= 2)
+        .map(|v| v["seconds"].as_f64().unwrap())
+        .sum();
+    (seconds * 1000.0) as u64
+}
+
 fn bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -128,8 +140,11 @@ fn sigkill_at_a_random_moment_then_resume_reproduces_the_run() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    // Random moment after the first checkpoint (so there is something to resume from):
-    // anywhere in the next ~2 s, which may be inside a step or a checkpoint write.
+    // Random moment after the first checkpoint (so there is something to resume from)
+    // and before the run ends: within the time the reference took for epochs 2..8 (a
+    // fixed window let a fast machine finish the run first), which may be inside a step
+    // or a checkpoint write.
+    let window_ms = remaining_epochs_ms(reference_dir).max(1);
     let t0 = Instant::now();
     while !out.join("latest.safetensors").exists() {
         assert!(
@@ -145,7 +160,7 @@ fn sigkill_at_a_random_moment_then_resume_reproduces_the_run() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    let delay = Duration::from_millis(u64::from(nanos % 2000));
+    let delay = Duration::from_millis(u64::from(nanos) % window_ms);
     std::thread::sleep(delay);
     child.kill().unwrap(); // SIGKILL on Unix
     child.wait().unwrap();
@@ -190,7 +205,9 @@ fn sigkill_at_a_random_moment_then_resume_reproduces_the_run() {
         Some(at + 1).filter(|_| at < 16),
         "{what}"
     );
-    assert_same_curve(reference_losses, &l, &what);
+    if at < 16 {
+        assert_same_curve(reference_losses, &l, &what);
+    }
     let f = "epoch-0008.safetensors";
     assert!(
         bytes(&reference_dir.join(f)) == bytes(&resumed.join(f)),
