@@ -28,7 +28,9 @@ struct Conv3dParams {
     // the transposed conv's cropping).
     out_d: u32, out_h: u32, out_w: u32, cls_h: u32,
     cls_w: u32, osd: u32, osh: u32, osw: u32,
-    off_d: i32, off_h: i32, off_w: i32, pad0: u32,
+    off_d: i32, off_h: i32, off_w: i32,
+    // First vec4 of this convolution's packed weight (phase groups share one buffer).
+    w_off: u32,
 }
 
 @group(0) @binding(0) var<storage, read> inp: array<vec4<f32>>;
@@ -66,7 +68,7 @@ fn conv3d_forward(
     let ox0 = xt * TX;
     let co0 = cot * TC;
     let n_base = n * p.c4 * p.dp + p.in_off_d;
-    let w_tile = cot * p.c4 * KD * KH * NW;
+    let w_tile = p.w_off + cot * p.c4 * KD * KH * NW;
     //{{SETUP}}
     //{{ACC_DECL}}
     for (var ci = 0u; ci < p.c4; ci++) {

@@ -581,6 +581,73 @@ fn phase_weight_kernel_matches_reference() {
 }
 
 #[test]
+fn packed_phase_weights_match_reference() {
+    let ctx = gpu();
+    for (kernel, spec, cin, cout) in [
+        // DU-Net's transition up: eight groups of one class.
+        (
+            [3; 3],
+            ConvTranspose3dSpec::keras_same([3; 3], [2; 3]),
+            6,
+            5,
+        ),
+        // One group of eight classes.
+        (
+            [2; 3],
+            ConvTranspose3dSpec::keras_same([2; 3], [2; 3]),
+            3,
+            7,
+        ),
+        (
+            [4, 2, 3],
+            ConvTranspose3dSpec::torch([3, 2, 1], [1, 0, 1], [0, 1, 0]),
+            5,
+            3,
+        ),
+    ] {
+        let plan = PhasePlan::new([4; 3], kernel, &spec).unwrap();
+        let w = random([cin, cout, kernel[0], kernel[1], kernel[2]], 610);
+        let wt = Tensor::from_array(&ctx, &w, "w").unwrap();
+        // Tile widths that divide a group's channels and ones that leave a partial tile.
+        let tcs: Vec<usize> = (0..plan.groups.len())
+            .map(|g| [4, 5, 16, 1][g % 4])
+            .collect();
+        let want = conv_transpose3d_pack_phase_weights_f64(&w.mapv(f64::from), &plan, &tcs);
+        let mut rec = ctx.recorder();
+        let (got, offs) =
+            conv_transpose3d_pack_phase_weights(&ctx, &mut rec, &wt, &plan, &tcs).unwrap();
+        ctx.submit(rec);
+        assert_eq!(offs, packed_phase_offsets(&plan, cin, cout, &tcs));
+        assert_eq!(offs.last().copied(), Some(want.len() / 4));
+        let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        // A permutation with zero fill: exact.
+        assert_close(
+            &got.to_vec(&ctx).unwrap(),
+            &want,
+            0.0,
+            0.0,
+            &format!("packed phase weights {kernel:?}"),
+        );
+    }
+    // Tile widths that do not match the groups are refused.
+    let spec = ConvTranspose3dSpec::keras_same([3; 3], [2; 3]);
+    let plan = PhasePlan::new([4; 3], [3; 3], &spec).unwrap();
+    let wt = Tensor::zeros(&ctx, Shape5::new(2, 2, 3, 3, 3), "w").unwrap();
+    let mut rec = ctx.recorder();
+    for tcs in [vec![4; 7], vec![0; 8]] {
+        let e = conv_transpose3d_pack_phase_weights(&ctx, &mut rec, &wt, &plan, &tcs)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tile widths"), "{e}");
+    }
+    let w2 = Tensor::zeros(&ctx, Shape5::new(2, 2, 2, 2, 2), "w2").unwrap();
+    let e = conv_transpose3d_pack_phase_weights(&ctx, &mut rec, &w2, &plan, &[4; 8])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'w2'"), "{e}");
+}
+
+#[test]
 fn interleave_and_phase_weight_reject_bad_input() {
     let ctx = gpu();
     let spec = ConvTranspose3dSpec::keras_same([3; 3], [2; 3]);

@@ -694,6 +694,7 @@ pub fn conv3d_forward_kernel(
             subgroup: sub,
             in_off: [0; 3],
             phase: None,
+            w_off: 0,
         },
         bias,
         output,
@@ -850,6 +851,8 @@ pub(crate) struct PackedConv<'a> {
     pub in_off: [usize; 3],
     /// Strided output positions (a transposed conv's phases) instead of a dense output.
     pub phase: Option<PhaseStore>,
+    /// First vec4 of this convolution's weight in `weight`.
+    pub w_off: usize,
 }
 
 /// How a phase convolution's values map to the transposed conv's output: channel `c`
@@ -971,7 +974,7 @@ pub(crate) fn conv_packed(
             .map_err(|_| Error::Limit(format!("conv3d: phase offset {o} exceeds 32 bits")))?;
         vals.push(v as u32);
     }
-    vals.push(0);
+    vals.push(as_u32(pc.w_off, "weight offset")?);
     let params = uniform_u32(ctx, &vals)?;
     // Without a bias the kernel never reads binding 2; bind the weight as a stand-in.
     let (bbuf, bbytes) = match bias {

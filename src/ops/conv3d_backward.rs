@@ -232,6 +232,7 @@ pub(crate) fn transposed_conv_kernel(
             subgroup: sub,
             in_off: [0; 3],
             phase: None,
+            w_off: 0,
         },
         bias,
         grad_in,

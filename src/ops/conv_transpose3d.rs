@@ -23,8 +23,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, PipelineKey, Recorder};
 use crate::ops::conv3d::{
     conv3d_check, conv3d_forward, conv3d_forward_choice, conv3d_forward_f64, conv_packed,
-    pack_input, pack_weight, subgroup_size_for, tile_for, u32s, Conv3dSpec, Conv3dVariant,
-    ConvKernel, PackedConv, PhaseStore,
+    pack_input, subgroup_size_for, tile_for, u32s, Conv3dSpec, Conv3dVariant, ConvKernel,
+    PackedConv, PhaseStore,
 };
 use crate::ops::conv3d_backward::{
     conv3d_backward_bias, conv3d_backward_weight, conv3d_backward_weight_f64, transposed_conv,
@@ -305,17 +305,13 @@ fn forward_direct(
     let padded = [most[0] - 1 + td, most[1] - 1 + th, wp];
     let pad = most.map(|m| (m - 1) as isize);
     let packed_in = pack_input(ctx, rec, input, [1, 1, 1], pad, padded)?;
-    for (g, tile) in plan.groups.iter().zip(tiles) {
-        let key = || {
-            format!(
-                "convT phase s{:?} first{:?} taps{:?} tc{}",
-                plan.stride, g.first, g.taps, tile.tc
-            )
-        };
-        let packed_w = weight.derived(key, || {
-            let w = conv_transpose3d_phase_weight(ctx, rec, weight, plan, g)?;
-            pack_weight(ctx, rec, &w, false, tile.tc)
-        })?;
+    let tcs: Vec<usize> = tiles.iter().map(|t| t.tc).collect();
+    let key = || format!("convT phases s{:?} tc{tcs:?}", plan.stride);
+    let packed_w = weight.derived(key, || {
+        Ok(conv_transpose3d_pack_phase_weights(ctx, rec, weight, plan, &tcs)?.0)
+    })?;
+    let w_offs = packed_phase_offsets(plan, input.count, cout, &tcs);
+    for ((g, tile), w_off) in plan.groups.iter().zip(tiles).zip(w_offs) {
         let off: [isize; 3] =
             std::array::from_fn(|a| g.first[a] as isize - plan.pad_lo[a] as isize);
         conv_packed(
@@ -331,6 +327,7 @@ fn forward_direct(
                 tile,
                 subgroup: sub,
                 in_off: std::array::from_fn(|a| most[a] - g.taps[a]),
+                w_off,
                 phase: Some(PhaseStore {
                     extent: plan.extent,
                     cb: cout,
@@ -506,8 +503,9 @@ impl PhasePlan {
 
 const INTERLEAVE_SRC: &str = include_str!("../../shaders/conv_transpose3d_interleave.wgsl");
 /// The compiled forms of `conv_transpose3d_interleave.wgsl`: (entry point, sections).
-const MODULES: [(&str, &[&str]); 3] = [
+const MODULES: [(&str, &[&str]); 4] = [
     ("phase_weight", &["phase_weight"]),
+    ("pack_phase_weights", &["pack_phase_weights"]),
     ("interleave", &["interleave", "scalar"]),
     ("interleave_vec4", &["interleave", "vec4"]),
 ];
@@ -584,16 +582,127 @@ pub fn conv_transpose3d_phase_weight(
     let params = u32s(&[
         cin, cout, kd, kh, kw, md, mh, mw, sd, sh, sw, total, fd, fh, fw, 0, nd, nh, nw, 0,
     ])?;
+    weight_pass(ctx, rec, "phase_weight", weight, &out, &params, total)?;
+    Ok(out)
+}
+
+/// Runs `entry` of the weight sections over `total` elements: `weight` in, `out` out.
+fn weight_pass(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    entry: &'static str,
+    weight: &Tensor,
+    out: &Tensor,
+    params: &[u32],
+    total: usize,
+) -> Result<()> {
     launch(
         ctx,
         rec,
-        PipelineKey::new("conv_transpose3d_interleave", "phase_weight"),
-        &module_source("phase_weight")?,
-        &[Arg::Read(weight), Arg::Write(&out)],
-        &params,
+        PipelineKey::new("conv_transpose3d_interleave", entry),
+        &module_source(entry)?,
+        &[Arg::Read(weight), Arg::Write(out)],
+        params,
         total,
+    )
+}
+
+/// vec4s of `group`'s weight packed for `tc`-channel tiles: `[co_tile][ci4][taps..][tc]`.
+fn packed_group_len(group: &PhaseGroup, cin: usize, cout: usize, tc: usize) -> usize {
+    let channels = group.classes.iter().product::<usize>() * cout;
+    channels.div_ceil(tc) * cin.div_ceil(4) * group.taps.iter().product::<usize>() * tc
+}
+
+/// First vec4 of each group's weight in [`conv_transpose3d_pack_phase_weights`]'s
+/// output, and the total length last.
+pub fn packed_phase_offsets(
+    plan: &PhasePlan,
+    cin: usize,
+    cout: usize,
+    tcs: &[usize],
+) -> Vec<usize> {
+    let mut offs = vec![0];
+    for (g, &tc) in plan.groups.iter().zip(tcs) {
+        let last = offs[offs.len() - 1];
+        offs.push(last + packed_group_len(g, cin, cout, tc));
+    }
+    offs
+}
+
+/// Records every group's convolution weight (as [`conv_transpose3d_phase_weight`])
+/// already packed for conv3d's register tile of `tcs[g]` channels, all in one tensor
+/// and one dispatch; returns it with [`packed_phase_offsets`].
+pub fn conv_transpose3d_pack_phase_weights(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    weight: &Tensor,
+    plan: &PhasePlan,
+    tcs: &[usize],
+) -> Result<(Tensor, Vec<usize>)> {
+    let ws = weight.shape();
+    let [cin, cout, kd, kh, kw] = ws.0;
+    if [kd, kh, kw] != plan.kernel || ws.has_zero() {
+        return Err(Error::Shape(format!(
+            "conv_transpose3d_pack_phase_weights: weight '{}' {ws} does not have the plan's \
+             kernel {:?}",
+            weight.name, plan.kernel
+        )));
+    }
+    if tcs.len() != plan.groups.len() || tcs.contains(&0) {
+        return Err(Error::InvalidArgument(format!(
+            "conv_transpose3d_pack_phase_weights: {} tile widths {tcs:?} for {} groups \
+             (each >= 1)",
+            tcs.len(),
+            plan.groups.len()
+        )));
+    }
+    let offs = packed_phase_offsets(plan, cin, cout, tcs);
+    let total = offs[offs.len() - 1];
+    let out = Tensor::empty(
+        ctx,
+        Shape5::new(1, 1, 1, total, 4),
+        "conv_transpose3d packed phase weights",
     )?;
-    Ok(out)
+    let mut params = u32s(&[
+        cin,
+        cout,
+        cin.div_ceil(4),
+        plan.groups.len(),
+        kd,
+        kh,
+        kw,
+        total,
+        plan.stride[0],
+        plan.stride[1],
+        plan.stride[2],
+        0,
+    ])?;
+    for (i, (g, &tc)) in plan.groups.iter().zip(tcs).enumerate() {
+        let [md, mh, mw] = g.taps;
+        let [fd, fh, fw] = g.first;
+        let [nd, nh, nw] = g.classes;
+        params.extend(u32s(&[
+            offs[i],
+            offs[i + 1],
+            tc,
+            0,
+            md,
+            mh,
+            mw,
+            0,
+            fd,
+            fh,
+            fw,
+            0,
+            nd,
+            nh,
+            nw,
+            0,
+        ])?);
+    }
+    params.resize(12 + 32 * 4, 0);
+    weight_pass(ctx, rec, "pack_phase_weights", weight, &out, &params, total)?;
+    Ok((out, offs))
 }
 
 /// Records `output[:, range] = interleave(phases) + bias`: each output position takes
@@ -888,6 +997,41 @@ pub fn conv_transpose3d_phase_weight_f64(
                     }
                 }
                 b += 1;
+            }
+        }
+    }
+    out
+}
+
+/// CPU reference of [`conv_transpose3d_pack_phase_weights`] in f64: each group's
+/// [`conv_transpose3d_phase_weight_f64`] in conv3d's packed layout, 4 values per vec4.
+pub fn conv_transpose3d_pack_phase_weights_f64(
+    weight: &Array5<f64>,
+    plan: &PhasePlan,
+    tcs: &[usize],
+) -> Vec<f64> {
+    let mut out = Vec::new();
+    for (g, &tc) in plan.groups.iter().zip(tcs) {
+        let w = conv_transpose3d_phase_weight_f64(weight, plan, g);
+        let [cout, cin, md, mh, mw] = [w.shape()[0], w.shape()[1], g.taps[0], g.taps[1], g.taps[2]];
+        for cot in 0..cout.div_ceil(tc) {
+            for ci4 in 0..cin.div_ceil(4) {
+                for td in 0..md {
+                    for th in 0..mh {
+                        for c in 0..tc {
+                            for tw in 0..mw {
+                                for k in 0..4 {
+                                    let (co, ci) = (cot * tc + c, ci4 * 4 + k);
+                                    out.push(if co < cout && ci < cin {
+                                        w[[co, ci, td, th, tw]]
+                                    } else {
+                                        0.0
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
             }
         }
     }
