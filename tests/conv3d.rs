@@ -231,6 +231,8 @@ fn pointwise_convs_match_cpu() {
         (13, 3, [4, 4, 5]),
         (8, 40, [3, 5, 4]),
         (3, 7, [3, 3, 3]),
+        // 32-channel tiles.
+        (6, 64, [2, 2, 4]),
     ] {
         for (in_off, out_off, relu, bias) in [(0, 0, false, true), (2, 3, true, false)] {
             cases.push(Case {

@@ -21,11 +21,18 @@ pub fn applies(kernel: [usize; 3], spec: &Conv3dSpec, voxels: usize) -> bool {
         && voxels.is_multiple_of(4)
 }
 
-/// Output channels x vec4 of voxels per invocation: the channel tile of the
-/// register-tiled kernel and one vec4 (lavapipe, 1x32^3, C194->64: 34 ms with one
-/// vec4, 48 with two; C64->4: 3.0 vs 3.6 ms; the packed kernel 58 and 7.7 ms).
+/// Output channels x vec4 of voxels per invocation: equal tiles of up to 32 channels
+/// when that gives a multiple of 8 (whole subgroup weight blocks), else the register-
+/// tiled kernel's channel tile; one vec4 of voxels. lavapipe, DU-Net folded 1x32^3, its
+/// 21 bottlenecks C->64 (`bench dunet --profile`): TC=32 560-606 ms per 4 forwards,
+/// TC=16 821-899, TC=22 921, TC=64 1190. C194->64: one vec4 34 ms, two 48 (TC=16).
 pub fn tile_for(cout: usize) -> (usize, usize) {
-    let tc = ConvTile::for_channels(cout).tc;
+    let wide = cout.max(1).div_ceil(cout.max(1).div_ceil(32));
+    let tc = if wide.is_multiple_of(8) {
+        wide
+    } else {
+        ConvTile::for_channels(cout).tc
+    };
     (tc, 1)
 }
 
