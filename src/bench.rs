@@ -303,9 +303,12 @@ pub struct TconvWorkload {
     pub kernel: usize,
     /// Stride (the up-sampling factor).
     pub stride: usize,
+    /// Whether the zero-inserted form is timed too (too slow for the large ones).
+    pub dilated: bool,
 }
 
-/// The decoder up-sampling workloads: N2 C64->32 16^3 -> 32^3, k=2 and k=3, stride 2.
+/// The decoder up-sampling workloads: the N2 C64->32 16^3 -> 32^3 (k=2 and k=3,
+/// stride 2), and DU-Net's largest, trans6 (N1 C229->114 16^3 -> 32^3, k=3 s=2).
 pub fn tconv_workloads() -> Vec<TconvWorkload> {
     let w = |name, kernel| TconvWorkload {
         name,
@@ -315,8 +318,16 @@ pub fn tconv_workloads() -> Vec<TconvWorkload> {
         size: 16,
         kernel,
         stride: 2,
+        dilated: true,
     };
-    vec![w("convT.fwd.k2s2", 2), w("convT.fwd.k3s2", 3)]
+    let up6 = TconvWorkload {
+        n: 1,
+        cin: 229,
+        cout: 114,
+        dilated: false,
+        ..w("convT.fwd.k3s2.dunet_up6", 3)
+    };
+    vec![w("convT.fwd.k2s2", 2), w("convT.fwd.k3s2", 3), up6]
 }
 
 /// One transposed-conv forward workload in the phase form (`dilated`: false, the

@@ -296,11 +296,13 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
         }
         for w in tconv_workloads() {
             for dilated in [false, true] {
-                if !named(&format!(
-                    "{}{}",
-                    w.name,
-                    if dilated { ".dilated" } else { "" }
-                )) {
+                if (dilated && !w.dilated)
+                    || !named(&format!(
+                        "{}{}",
+                        w.name,
+                        if dilated { ".dilated" } else { "" }
+                    ))
+                {
                     continue;
                 }
                 runners.push(

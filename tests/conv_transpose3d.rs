@@ -345,7 +345,7 @@ fn phase_plan_of_the_paper_geometries() {
 /// GPU forward (phase path) against the f64 reference: N=2, Cin=3, Cout=5, written into
 /// channels 2..7 of a 9-channel output filled with a sentinel that must survive.
 fn check_forward(input: [usize; 3], kernel: [usize; 3], spec: ConvTranspose3dSpec, seed: u64) {
-    check_forward_relu(input, kernel, spec, seed, false);
+    check_forward_channels(input, kernel, spec, seed, false, 5);
 }
 
 /// [`check_forward`] with the fused ReLU when `relu`.
@@ -356,8 +356,21 @@ fn check_forward_relu(
     seed: u64,
     relu: bool,
 ) {
+    check_forward_channels(input, kernel, spec, seed, relu, 5);
+}
+
+/// [`check_forward_relu`] with `cout` output channels (written into channels 2.. of
+/// `cout + 4`).
+fn check_forward_channels(
+    input: [usize; 3],
+    kernel: [usize; 3],
+    spec: ConvTranspose3dSpec,
+    seed: u64,
+    relu: bool,
+    cout: usize,
+) {
     let ctx = gpu();
-    let (n, cin, cout, off, ctot) = (2, 3, 5, 2, 9);
+    let (n, cin, off, ctot) = (2, 3, 2, cout + 4);
     let x = random([n, cin + 1, input[0], input[1], input[2]], seed);
     let w = random([cin, cout, kernel[0], kernel[1], kernel[2]], seed + 1);
     let b: Vec<f32> = Rng::new(seed + 2).vec_f32(cout, -1.0, 1.0);
@@ -753,6 +766,30 @@ fn fused_relu_in_every_forward_path() {
         ConvTranspose3dSpec::torch([2; 3], [0; 3], [1, 0, 0]),
         510,
         true,
+    );
+}
+
+/// Phase convolutions with wide channel tiles (13-16 channels; k=3 s=2 runs them 8
+/// voxels long along W, k=2 s=2 4 long), ragged along W.
+#[test]
+fn wide_channel_tiles() {
+    for (cout, seed) in [(30, 520), (16, 530), (13, 540)] {
+        check_forward_channels(
+            [2, 3, 5],
+            [3; 3],
+            ConvTranspose3dSpec::keras_same([3; 3], [2; 3]),
+            seed,
+            cout == 30,
+            cout,
+        );
+    }
+    check_forward_channels(
+        [2, 3, 5],
+        [2; 3],
+        ConvTranspose3dSpec::keras_same([2; 3], [2; 3]),
+        550,
+        false,
+        16,
     );
 }
 

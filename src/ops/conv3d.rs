@@ -428,15 +428,32 @@ pub fn shader_variants() -> Vec<(String, String)> {
 }
 
 pub(crate) fn tile_for(cout: usize) -> ConvTile {
-    // MASNET_CONV_TILE=TCxTX lets benchmarks try other tiles without rebuilding.
-    std::env::var("MASNET_CONV_TILE")
-        .ok()
-        .and_then(|v| {
-            let (a, b) = v.split_once('x')?;
-            let (tc, tx) = (a.parse().ok()?, b.parse().ok()?);
-            ((1..=16).contains(&tc) && (1..=16).contains(&tx)).then_some(ConvTile { tc, tx })
-        })
-        .unwrap_or_else(|| ConvTile::for_channels(cout))
+    tile_override().unwrap_or_else(|| ConvTile::for_channels(cout))
+}
+
+/// The tile of a transposed conv's phase convolutions: as [`tile_for`], but at least 8
+/// voxels along W when some phase has more than one tap (kernel > stride): their rows
+/// are short (taps of 1-2 along W), so a longer tile pays. lavapipe, k=3 s=2: DU-Net's
+/// trans6 (N1 C229->114 16^3) 139 ms with 15x8 against 164 with 15x4, N2 C64->32 25 ms
+/// with 16x8 against 27-28; one tap (k=2 s=2) 13.3 ms with 16x8 against 10.3-11.0, and
+/// W1 (3 taps along W, 48 weights per step) 84-88 ms against 63.5.
+pub(crate) fn phase_tile_for(cout: usize, multi_tap: bool) -> ConvTile {
+    tile_override().unwrap_or_else(|| {
+        let mut t = ConvTile::for_channels(cout);
+        if multi_tap {
+            t.tx = t.tx.max(8);
+        }
+        t
+    })
+}
+
+/// MASNET_CONV_TILE=TCxTX lets benchmarks try other tiles without rebuilding.
+fn tile_override() -> Option<ConvTile> {
+    std::env::var("MASNET_CONV_TILE").ok().and_then(|v| {
+        let (a, b) = v.split_once('x')?;
+        let (tc, tx) = (a.parse().ok()?, b.parse().ok()?);
+        ((1..=16).contains(&tc) && (1..=16).contains(&tx)).then_some(ConvTile { tc, tx })
+    })
 }
 
 /// The subgroup size the kernel may rely on for `variant`, or `None` for the tiled kernel.

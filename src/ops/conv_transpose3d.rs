@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, PipelineKey, Recorder};
 use crate::ops::conv3d::{
     conv3d_check, conv3d_forward, conv3d_forward_choice, conv3d_forward_f64, conv_packed,
-    pack_input, subgroup_size_for, tile_for, u32s, Conv3dSpec, Conv3dVariant, ConvKernel,
+    pack_input, phase_tile_for, subgroup_size_for, u32s, Conv3dSpec, Conv3dVariant, ConvKernel,
     PackedConv, PhaseStore,
 };
 use crate::ops::conv3d_backward::{
@@ -291,10 +291,11 @@ fn forward_direct(
     // Every group reads the packing from `most - taps` on, `most` = the longest taps.
     let most: [usize; 3] =
         std::array::from_fn(|a| plan.groups.iter().map(|g| g.taps[a]).max().unwrap_or(1));
+    let multi_tap = plan.groups.iter().any(|g| g.taps != [1; 3]);
     let tiles: Vec<_> = plan
         .groups
         .iter()
-        .map(|g| tile_for(g.classes.iter().product::<usize>() * cout))
+        .map(|g| phase_tile_for(g.classes.iter().product::<usize>() * cout, multi_tap))
         .collect();
     let [td, th, tw] = plan.extent;
     let wp = tiles
