@@ -319,3 +319,24 @@ fn mixacb_forms_equal_the_eval_graph() {
 fn baseline_forms_equal_the_eval_graph() {
     fusion_matches(BlockKind::Conv);
 }
+
+/// Inference releases every value after its last use: six more layers at full
+/// resolution leave the no-grad forward's peak memory as it was (each layer's output
+/// alone is 256 KiB; kept, they would add at least 3 MiB).
+#[test]
+fn inference_peak_does_not_grow_with_depth() {
+    let ctx = gpu();
+    let peak = |layers: usize| {
+        let mut s = ParamStore::new();
+        let cfg = CcfcnConfig {
+            encoder_layers: vec![layers, 1, 1],
+            ..small(BlockKind::Conv)
+        };
+        let m = Ccfcn::new(&ctx, &mut s, cfg, 8).unwrap();
+        common::inference_peak(&ctx, &m, &s, Shape5::new(1, 2, 16, 16, 16))
+    };
+    let (shallow, deep) = (peak(2), peak(8));
+    eprintln!("CC-3D-FCN 16^3 inference peak: 2 top layers {shallow} B, 8 top layers {deep} B");
+    let layer = 16 * 16 * 16 * 16 * 4;
+    assert!(deep <= shallow + layer, "{shallow} B -> {deep} B");
+}

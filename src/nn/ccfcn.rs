@@ -345,20 +345,32 @@ impl Ccfcn {
                 self.config.in_channels
             )));
         }
+        // Every value is released after its last use (see `Graph::release`; not `x`, the
+        // caller's), so inference reuses activation buffers.
         let mut h = x;
         let mut taps = Vec::new();
         for layers in &self.down {
             for (l, layer) in layers.iter().enumerate() {
                 let y = layer.block.forward(g, s, h, 0)?;
-                h = g.relu(y)?;
+                let r = g.relu(y)?;
+                g.release(y)?;
+                if h != x && !taps.contains(&h) {
+                    g.release(h)?;
+                }
+                h = r;
                 // Nie et al.'s definition taps each down group after its first layer.
                 if l == 0 {
                     taps.push(h);
                 }
             }
-            h = g.maxpool3d(h, PoolSpec::cube(2, 2, 0))?;
+            let p = g.maxpool3d(h, PoolSpec::cube(2, 2, 0))?;
+            if h != x && !taps.contains(&h) {
+                g.release(h)?;
+            }
+            h = p;
         }
         for u in &self.up {
+            let mark = g.mark();
             let t = u.up.up.forward(g, s, h)?;
             let t = match &u.up.bn {
                 Some(bn) => bn.forward(g, s, t)?,
@@ -370,13 +382,24 @@ impl Ccfcn {
                 .ok_or_else(|| Error::InvalidArgument("CC-3D-FCN skip mismatch".into()))?;
             let k = u.skip.forward(g, s, tap)?;
             let k = g.relu(k)?;
-            h = g.concat(&[k, t])?;
+            let c = g.concat(&[k, t])?;
+            g.release(h)?;
+            g.release(tap)?;
+            g.release_since(mark, &[c])?;
+            h = c;
             for layer in &u.layers {
                 let y = layer.block.forward(g, s, h, 0)?;
-                h = g.relu(y)?;
+                let r = g.relu(y)?;
+                g.release(y)?;
+                g.release(h)?;
+                h = r;
             }
         }
-        self.head.forward(g, s, h)
+        let out = self.head.forward(g, s, h)?;
+        if h != x {
+            g.release(h)?;
+        }
+        Ok(out)
     }
 
     /// Calls `f` on every BatchNorm of the model.

@@ -197,3 +197,26 @@ pub fn tiny_train_args(epochs: &'static str) -> Vec<&'static str> {
         "constant:1e-3",
     ]
 }
+
+/// Peak pool bytes above what was live before of `net`'s no-grad forward on `shape`
+/// (random input): with every value released after its last use, it does not grow with
+/// the number of layers.
+#[allow(dead_code)]
+pub fn inference_peak<N: masnet_wgpu::nn::Network>(
+    ctx: &GpuContext,
+    net: &N,
+    store: &masnet_wgpu::autograd::ParamStore,
+    shape: masnet_wgpu::Shape5,
+) -> u64 {
+    use masnet_wgpu::autograd::{Graph, Mode};
+    let x = Rng::new(9).vec_f32(shape.numel().unwrap(), -1.0, 1.0);
+    ctx.wait().unwrap();
+    let before = ctx.pool.memory().in_use;
+    ctx.pool.reset_peak();
+    let mut g = Graph::no_grad(ctx, Mode::Eval);
+    let xv = g.input(masnet_wgpu::Tensor::from_slice(ctx, shape, &x, "x").unwrap());
+    net.forward(&mut g, store, xv, 0).unwrap();
+    g.submit();
+    ctx.wait().unwrap();
+    ctx.pool.memory().peak_in_use.saturating_sub(before)
+}
