@@ -481,3 +481,24 @@ fn every_converted_form_equals_the_eval_graph() {
         eprintln!("{kind:?} equivalence: {:?}", t.elapsed());
     }
 }
+
+/// Inference releases every value after its last use: four more dense layers per
+/// block leave the peak memory (at full resolution: the stem and the classifier over
+/// the up-sampled concatenation) within a quarter of what it was. Without releases it
+/// grew 3.63 -> 5.45 MB here; with them it measured 1.95 -> 1.65 MB.
+#[test]
+fn inference_peak_does_not_grow_with_depth() {
+    let ctx = gpu();
+    let peak = |layers: usize| {
+        let mut s = ParamStore::new();
+        let cfg = BuinetConfig {
+            layers_per_block: layers,
+            ..small(BlockKind::Conv)
+        };
+        let m = Buinet::new(&ctx, &mut s, cfg, 8).unwrap();
+        common::inference_peak(&ctx, &m, &s, Shape5::new(1, 2, 16, 16, 16))
+    };
+    let (shallow, deep) = (peak(2), peak(6));
+    eprintln!("BuiNet 16^3 inference peak: 2 layers per block {shallow} B, 6 layers {deep} B");
+    assert!(deep <= shallow + shallow / 4, "{shallow} B -> {deep} B");
+}

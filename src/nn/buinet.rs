@@ -412,17 +412,23 @@ impl Buinet {
                 self.config.in_channels
             )));
         }
+        // Every value is released after its last use (`Graph::release`, `release_since`
+        // with what stays live; the caller's `x` is recorded before any mark), so
+        // inference reuses activation buffers.
         let st = &self.stem;
+        let mark = g.mark();
         let h = st.conv0.forward_relu(g, s, x, 0)?;
         let h = st.conv1.forward_relu(g, s, h, 0)?;
         let features = st.conv2.forward(g, s, h)?;
         let h = st.norm.forward(g, s, features)?;
         let h = g.relu(h)?;
         let mut h = st.pool.forward(g, s, h)?;
+        g.release_since(mark, &[features, h])?;
         let mut ups = Vec::new();
         let mut layer_index = 0u32;
         for (d, layers) in self.dense.iter().enumerate() {
             for layer in layers {
+                let mark = g.mark();
                 let t = layer.norm.forward(g, s, h)?;
                 let t = g.relu(t)?;
                 let t = layer.bottleneck.forward_relu(g, s, t, 0)?;
@@ -431,7 +437,10 @@ impl Buinet {
                 let seed =
                     dropout_seed.wrapping_mul(0x9E37_79B1) ^ layer_index.wrapping_mul(0x85EB_CA6B);
                 let t = g.dropout(t, self.config.dropout, seed)?;
-                h = g.concat(&[h, t])?;
+                let c = g.concat(&[h, t])?;
+                g.release(h)?;
+                g.release_since(mark, &[c])?;
+                h = c;
             }
             let up = &self.ups[d];
             let weights = up
@@ -439,20 +448,35 @@ impl Buinet {
                 .iter()
                 .map(|&w| g.param(s, w))
                 .collect::<Result<Vec<_>>>()?;
-            ups.push(grouped_conv_transpose3d(g, h, &weights, up.spec)?);
+            let mark = g.mark();
+            let u = grouped_conv_transpose3d(g, h, &weights, up.spec)?;
+            g.release_since(mark, &[u])?;
+            ups.push(u);
             if let Some(t) = self.trans.get(d) {
+                let mark = g.mark();
                 let r = t.norm.forward(g, s, h)?;
                 let r = g.relu(r)?;
                 let r = t.reduce.forward_relu(g, s, r, 0)?;
-                h = t.pool.forward(g, s, r)?;
+                let p = t.pool.forward(g, s, r)?;
+                g.release_since(mark, &[p])?;
+                g.release(h)?;
+                h = p;
             }
         }
+        g.release(h)?;
         ups.push(features);
         let cat = g.concat(&ups)?;
+        for u in ups {
+            g.release(u)?;
+        }
         let c = &self.classifier;
+        let mark = g.mark();
         let h = c.norm.forward(g, s, cat)?;
         let h = g.relu(h)?;
-        c.conv.forward(g, s, h)
+        let out = c.conv.forward(g, s, h)?;
+        g.release(cat)?;
+        g.release_since(mark, &[out])?;
+        Ok(out)
     }
 
     /// Calls `f` on every BatchNorm of the model (e.g. to change momentum for a
