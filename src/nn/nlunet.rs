@@ -648,30 +648,54 @@ impl Network for Nlunet {
                 self.config.in_channels
             )));
         }
+        // Every value is released after its last use (`Graph::release_since` a mark,
+        // keeping what stays live; never the caller's `x`), so inference reuses
+        // activation buffers.
         let c = &self.config;
-        let mut h = self.init.forward(g, s, x)?;
+        let h0 = self.init.forward(g, s, x)?;
+        let mut h = h0;
         let mut skips = Vec::new();
         for rb in &self.enc {
-            h = rb.forward(g, s, h)?;
+            let mark = g.mark();
+            let next = rb.forward(g, s, h)?;
+            g.release_since(mark, &[next])?;
+            // Encoder outputs are skips, released when their decoder level used them.
+            if h == h0 {
+                g.release(h0)?;
+            }
+            h = next;
             skips.push(h);
         }
         // The bottom block's identity shortcut is the deepest encoder output itself.
         skips.pop().ok_or_else(Self::skip_mismatch)?;
         let seed = |site| dropout_seed(dropout_seed_base, site);
-        h = self.bottom.forward(g, s, h, c.attention_dropout, seed(1))?;
+        let mark = g.mark();
+        let b = self.bottom.forward(g, s, h, c.attention_dropout, seed(1))?;
+        g.release_since(mark, &[b])?;
+        g.release(h)?;
+        h = b;
         for (i, (up, rb)) in self.dec.iter().enumerate() {
-            h = match up {
+            let mark = g.mark();
+            let u = match up {
                 Up::Attention(a) => a.forward(g, s, h, c.attention_dropout, seed(2 + i as u32))?,
                 Up::Deconv(t) => t.forward(g, s, h)?,
             };
             let skip = skips.pop().ok_or_else(Self::skip_mismatch)?;
-            h = g.add(h, skip)?;
-            h = rb.forward(g, s, h)?;
+            let sum = g.add(u, skip)?;
+            let next = rb.forward(g, s, sum)?;
+            g.release_since(mark, &[next])?;
+            g.release(h)?;
+            g.release(skip)?;
+            h = next;
         }
+        let mark = g.mark();
         let a = self.out_bn.forward(g, s, h)?;
         let a = g.relu6(a)?;
         let a = g.dropout(a, c.dropout, seed(0))?;
-        self.out.forward(g, s, a)
+        let out = self.out.forward(g, s, a)?;
+        g.release_since(mark, &[out])?;
+        g.release(h)?;
+        Ok(out)
     }
 
     /// The model in `form` (MixACB fused per group or merged; with the folded forms the
