@@ -570,3 +570,77 @@ fn frozen_parameters_cache_packed_weights_until_overwritten() {
         .to_string();
     assert!(err.contains("frozen"), "{err}");
 }
+
+/// A DenseNet-style block built in one buffer (`buffer` + `append_channels`, each
+/// layer reading the channels so far through `conv3d_channels`) gives the loss and
+/// gradients of the same block built with `concat`, and its input gradient matches a
+/// directional finite difference.
+#[test]
+fn append_channels_matches_concat_and_finite_differences() {
+    let ctx = gpu();
+    let xs = Shape5::new(2, 3, 4, 4, 4);
+    let mut rng = Rng::new(70);
+    let x = rng.vec_f32(xs.numel().unwrap(), -1.0, 1.0);
+    let w1s = Shape5::new(2, 3, 1, 1, 1);
+    let w2s = Shape5::new(2, 5, 3, 3, 3);
+    let whs = Shape5::new(3, 7, 1, 1, 1);
+    let w1 = rng.vec_f32(w1s.numel().unwrap(), -0.5, 0.5);
+    let w2 = rng.vec_f32(w2s.numel().unwrap(), -0.3, 0.3);
+    let wh = rng.vec_f32(whs.numel().unwrap(), -0.5, 0.5);
+    let labels: Vec<f32> = (0..2 * 64).map(|i| ((i * 7) % 3) as f32).collect();
+    // (loss, [dx, dw1, dw2, dwh]) with the block built by concat or in one buffer.
+    let run = |x: &[f32], in_buffer: bool| -> (f64, Vec<Vec<f32>>) {
+        let mut g = Graph::new(&ctx, Mode::Train);
+        let t = |s: Shape5, v: &[f32], n: &str| Tensor::from_slice(&ctx, s, v, n).unwrap();
+        let xv = g.variable(t(xs, x, "x"));
+        let w1v = g.variable(t(w1s, &w1, "w1"));
+        let w2v = g.variable(t(w2s, &w2, "w2"));
+        let whv = g.variable(t(whs, &wh, "wh"));
+        let lv = g.input(t(Shape5::new(2, 1, 4, 4, 4), &labels, "labels"));
+        let pw = Conv3dSpec::same([1; 3]);
+        let k3 = Conv3dSpec::same([3; 3]);
+        let h = if in_buffer {
+            let b = g.buffer(Shape5::new(2, 7, 4, 4, 4), "block").unwrap();
+            let b = g.append_channels(b, xv, 0).unwrap();
+            let y1 = g.conv3d_channels(b, 0, 3, w1v, None, pw).unwrap();
+            let b = g.append_channels(b, y1, 3).unwrap();
+            let y2 = g.conv3d_channels(b, 0, 5, w2v, None, k3).unwrap();
+            g.append_channels(b, y2, 5).unwrap()
+        } else {
+            let y1 = g.conv3d(xv, w1v, None, pw).unwrap();
+            let h1 = g.concat(&[xv, y1]).unwrap();
+            let y2 = g.conv3d(h1, w2v, None, k3).unwrap();
+            g.concat(&[h1, y2]).unwrap()
+        };
+        let logits = g.conv3d(h, whv, None, pw).unwrap();
+        let l = g.softmax_cross_entropy(logits, lv).unwrap();
+        g.backward(l).unwrap();
+        g.submit();
+        let loss = g.value(l).unwrap().to_vec(&ctx).unwrap()[0] as f64;
+        let grads = [xv, w1v, w2v, whv]
+            .iter()
+            .map(|&v| g.grad(v).unwrap().to_vec(&ctx).unwrap())
+            .collect();
+        (loss, grads)
+    };
+    let (l_cat, g_cat) = run(&x, false);
+    let (l_buf, g_buf) = run(&x, true);
+    assert!(
+        (l_cat - l_buf).abs() <= 1e-6 * l_cat.abs(),
+        "{l_cat} vs {l_buf}"
+    );
+    for (i, (a, b)) in g_cat.iter().zip(&g_buf).enumerate() {
+        common::assert_close(b, a, 1e-4, 1e-6, &format!("gradient {i}"));
+    }
+    // <dL/dx, u> against (L(x + h u) - L(x - h u)) / 2h.
+    let h = 1e-2f32;
+    let u = Rng::new(71).vec_f32(x.len(), -1.0, 1.0);
+    let shifted = |s: f32| -> Vec<f32> { x.iter().zip(&u).map(|(a, d)| a + s * d).collect() };
+    let fd = (run(&shifted(h), true).0 - run(&shifted(-h), true).0) / (2.0 * h as f64);
+    let an: f64 = g_buf[0]
+        .iter()
+        .zip(&u)
+        .map(|(g, d)| (*g as f64) * (*d as f64))
+        .sum();
+    assert!((fd - an).abs() <= 1e-3 + 1e-2 * an.abs(), "fd {fd} vs {an}");
+}

@@ -46,11 +46,48 @@ impl Graph<'_> {
     }
 
     /// An uninitialised value of `shape` that later ops fill channel range by channel
-    /// range (no-grad graphs: e.g. a DenseNet block's concatenation, written in place).
+    /// range (e.g. a DenseNet block's concatenation, written in place): through
+    /// [`Graph::append_channels`] in any graph, or the `*_into` ops in no-grad graphs.
     pub fn buffer(&mut self, shape: Shape5, name: &str) -> Result<Var> {
-        self.require_no_grad("buffer")?;
         let t = empty(self.ctx, shape, name)?;
         Ok(self.leaf(Rc::new(t), false, None, "buffer"))
+    }
+
+    /// `dst` with `src` copied into its channels `offset..`, as a new value sharing
+    /// `dst`'s buffer (no copy of what `dst` held). Earlier versions stay valid for
+    /// the channels their readers used because appends only fill channels that nothing
+    /// read yet (a DenseNet block: each layer reads the channels so far and appends its
+    /// own). Gradient: `src` gets its channel range of the result's gradient, `dst` all
+    /// of it (readers of later channels pass through to the appends that wrote them).
+    pub fn append_channels(&mut self, dst: Var, src: Var, offset: usize) -> Result<Var> {
+        let (st, dt) = (self.tensor(src)?, self.tensor(dst)?);
+        let count = st.shape().c();
+        elementwise::copy_channels(
+            self.ctx,
+            &mut self.rec,
+            st.all(),
+            dt.channels(offset, count)?,
+        )?;
+        let src_shape = st.shape();
+        self.push(
+            "append_channels",
+            dt,
+            &[dst, src],
+            move |ctx, rec, gy, needs| {
+                let mut out = vec![None, None];
+                if needs[0] {
+                    let g = empty(ctx, gy.shape(), "append_channels d_dst")?;
+                    elementwise::copy_channels(ctx, rec, gy.all(), g.all())?;
+                    out[0] = Some(g);
+                }
+                if needs[1] {
+                    let g = empty(ctx, src_shape, "append_channels d_src")?;
+                    elementwise::copy_channels(ctx, rec, gy.channels(offset, count)?, g.all())?;
+                    out[1] = Some(g);
+                }
+                Ok(out)
+            },
+        )
     }
 
     /// Copies all channels of `src` into channels `offset..` of `dst` (no-grad graphs).

@@ -312,13 +312,30 @@ impl Dunet {
                         }
                     }
                 }
-                match vs.as_slice() {
-                    [one] => *one,
+                // Gradient graphs too: one buffer per block, each part and each layer's
+                // new channels appended (`append_channels`), every layer reading the
+                // channels so far, so backward holds one buffer, not every layer's
+                // growing concatenation.
+                let mut shapes = Vec::new();
+                for &v in &vs {
+                    shapes.push(g.value(v)?.shape());
+                }
+                match (vs.as_slice(), layers.is_empty()) {
+                    ([one], true) => *one,
                     _ => {
-                        let h = g.concat(&vs)?;
-                        for &v in &vs {
+                        let c0: usize = shapes.iter().map(|s| s.c()).sum();
+                        let [n, _, dd, hh, ww] = shapes[0].0;
+                        let total = c0 + layers.len() * self.config.growth;
+                        let mut h = g.buffer(Shape5::new(n, total, dd, hh, ww), "dense block")?;
+                        let mut c = 0;
+                        for (&v, vs) in vs.iter().zip(&shapes) {
+                            let next = g.append_channels(h, v, c)?;
+                            g.release(h)?;
                             g.release(v)?;
+                            h = next;
+                            c += vs.c();
                         }
+                        used = c;
                         h
                     }
                 }
@@ -331,7 +348,8 @@ impl Dunet {
                 let seed =
                     dropout_seed.wrapping_mul(0x9E37_79B1) ^ layer_index.wrapping_mul(0x85EB_CA6B);
                 let dropped = g.dropout(n, self.config.dropout, seed)?;
-                let next = g.concat(&[h, dropped])?;
+                let next = g.append_channels(h, dropped, used)?;
+                used += self.config.growth;
                 for v in [h, n, dropped] {
                     g.release(v)?;
                 }
