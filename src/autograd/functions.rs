@@ -76,9 +76,7 @@ impl Graph<'_> {
             move |ctx, rec, gy, needs| {
                 let mut out = vec![None, None];
                 if needs[0] {
-                    let g = empty(ctx, gy.shape(), "append_channels d_dst")?;
-                    elementwise::copy_channels(ctx, rec, gy.all(), g.all())?;
-                    out[0] = Some(g);
+                    out[0] = Some(gy.duplicate(ctx, rec, "append_channels d_dst")?);
                 }
                 if needs[1] {
                     let g = empty(ctx, src_shape, "append_channels d_src")?;

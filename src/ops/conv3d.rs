@@ -447,12 +447,16 @@ pub(crate) fn phase_tile_for(cout: usize, multi_tap: bool) -> ConvTile {
     })
 }
 
-/// MASNET_CONV_TILE=TCxTX lets benchmarks try other tiles without rebuilding.
+/// MASNET_CONV_TILE=TCxTX lets benchmarks try other tiles without rebuilding (read once
+/// per process: every conv asks).
 fn tile_override() -> Option<ConvTile> {
-    std::env::var("MASNET_CONV_TILE").ok().and_then(|v| {
-        let (a, b) = v.split_once('x')?;
-        let (tc, tx) = (a.parse().ok()?, b.parse().ok()?);
-        ((1..=16).contains(&tc) && (1..=16).contains(&tx)).then_some(ConvTile { tc, tx })
+    static TILE: std::sync::OnceLock<Option<ConvTile>> = std::sync::OnceLock::new();
+    *TILE.get_or_init(|| {
+        std::env::var("MASNET_CONV_TILE").ok().and_then(|v| {
+            let (a, b) = v.split_once('x')?;
+            let (tc, tx) = (a.parse().ok()?, b.parse().ok()?);
+            ((1..=16).contains(&tc) && (1..=16).contains(&tx)).then_some(ConvTile { tc, tx })
+        })
     })
 }
 
