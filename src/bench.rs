@@ -619,6 +619,25 @@ pub fn bench_train_step(ctx: &GpuContext, batch: usize, reps: usize) -> Result<B
     })
 }
 
+/// Least-squares line through `(batch, peak MiB)` points of training steps: (MiB at
+/// batch 0, MiB per sample), to estimate batches an adapter cannot bind. `None` with
+/// fewer than two distinct batches.
+pub fn peak_per_sample(points: &[(usize, f64)]) -> Option<(f64, f64)> {
+    let n = points.len() as f64;
+    let mean_b = points.iter().map(|p| p.0 as f64).sum::<f64>() / n;
+    let mean_m = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sbb: f64 = points.iter().map(|p| (p.0 as f64 - mean_b).powi(2)).sum();
+    if points.len() < 2 || sbb == 0.0 {
+        return None;
+    }
+    let sbm: f64 = points
+        .iter()
+        .map(|p| (p.0 as f64 - mean_b) * (p.1 - mean_m))
+        .sum();
+    let slope = sbm / sbb;
+    Some((mean_m - slope * mean_b, slope))
+}
+
 /// Segmentation of the embedded brain with `model` in both modes: the paper's 32³
 /// windows at step 8 (`segment.windows32_step8`) and whole-volume tiles of edge `tile`
 /// overlapping by 16 (`segment.tiles<tile>`); time per volume, peak tensor memory and
@@ -715,4 +734,21 @@ fn forward_flops(
     )?);
     model.forward(&mut g, store, xv, 0)?;
     Ok(g.forward_flops())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peak_per_sample;
+
+    #[test]
+    fn peak_per_sample_fits_a_line_and_refuses_one_batch() {
+        // Exact line 100 + 50 b, then noisy points whose least-squares line is known.
+        let (base, per) = peak_per_sample(&[(1, 150.0), (2, 200.0), (4, 300.0)]).unwrap();
+        assert!((base - 100.0).abs() < 1e-9 && (per - 50.0).abs() < 1e-9);
+        let (base, per) = peak_per_sample(&[(1, 1.0), (2, 3.0), (3, 2.0)]).unwrap();
+        assert!((per - 0.5).abs() < 1e-9 && (base - 1.0).abs() < 1e-9);
+        assert!(peak_per_sample(&[(2, 10.0), (2, 12.0)]).is_none());
+        assert!(peak_per_sample(&[(2, 10.0)]).is_none());
+        assert!(peak_per_sample(&[]).is_none());
+    }
 }

@@ -314,12 +314,39 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
         extra.extend(round_robin(&ctx, args.reps, runners).context("benchmark tconv")?);
     }
     if wants(BenchSuite::Train) {
-        extra.push(bench_train_step(&ctx, 2, args.reps).context("benchmark training step")?);
+        let b2 = bench_train_step(&ctx, 2, args.reps).context("benchmark training step")?;
+        let mut points = vec![(2, b2.peak_mib.unwrap_or(0.0))];
+        extra.push(b2);
         match bench_train_step(&ctx, 16, args.reps) {
             Ok(r) => extra.push(r),
-            // The paper's batch needs buffers above some adapters' binding limit.
+            // The paper's batch needs buffers above some adapters' binding limit: measure
+            // the batches that fit and state how the peak grows per sample.
             Err(masnet_wgpu::Error::Limit(why)) => {
-                eprintln!("dunet.train_step.b16: not run on this adapter: {why}")
+                eprintln!("dunet.train_step.b16: not run on this adapter: {why}");
+                for batch in [1, 4] {
+                    match bench_train_step(&ctx, batch, args.reps) {
+                        Ok(r) => {
+                            points.push((batch, r.peak_mib.unwrap_or(0.0)));
+                            extra.push(r);
+                        }
+                        Err(masnet_wgpu::Error::Limit(why)) => {
+                            eprintln!("dunet.train_step.b{batch}: not run on this adapter: {why}")
+                        }
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("training step, batch {batch}"))
+                        }
+                    }
+                }
+                if let Some((base, per)) = masnet_wgpu::bench::peak_per_sample(&points) {
+                    let batches: Vec<String> = points.iter().map(|p| format!("b{}", p.0)).collect();
+                    eprintln!(
+                        "dunet.train_step.b16: peak memory {base:.1} MiB + {per:.1} MiB per \
+                         sample (least squares over {}): batch 16 would need about {:.0} MiB \
+                         (an estimate, not a measurement)",
+                        batches.join(", "),
+                        base + 16.0 * per
+                    );
+                }
             }
             Err(e) => return Err(e).context("benchmark training step, batch 16"),
         }

@@ -644,3 +644,102 @@ fn append_channels_matches_concat_and_finite_differences() {
         .sum();
     assert!((fd - an).abs() <= 1e-3 + 1e-2 * an.abs(), "fd {fd} vs {an}");
 }
+
+/// Zero-pads a `[cout, cnt, k, k, k]` weight to `[cout, cin, k, k, k]` with its values on
+/// input channels `off .. off + cnt`.
+fn pad_in_channels(
+    w: &[f32],
+    cout: usize,
+    cnt: usize,
+    k3: usize,
+    cin: usize,
+    off: usize,
+) -> Vec<f32> {
+    let mut out = vec![0.0; cout * cin * k3];
+    for o in 0..cout {
+        for c in 0..cnt {
+            let src = (o * cnt + c) * k3;
+            let dst = (o * cin + off + c) * k3;
+            out[dst..dst + k3].copy_from_slice(&w[src..src + k3]);
+        }
+    }
+    out
+}
+
+#[test]
+fn channel_range_gradients_accumulate_into_their_range() {
+    // Convs and a slice reading (overlapping) channel ranges of x contribute only their
+    // range's gradient, which the tape adds in place (first contribution partial or
+    // full). Reference: the same maths with full-range reads (weights zero-padded over
+    // the other channels, the slice as a 1x1x1 selection conv), which contribute whole
+    // tensors. Both tape orders are checked.
+    let ctx = gpu();
+    let mut rng = Rng::new(21);
+    let (n, cin, sp) = (2, 6, [4, 3, 5]);
+    let xs = Shape5::new(n, cin, sp[0], sp[1], sp[2]);
+    let x = rng.vec_f32(xs.numel().unwrap(), -1.0, 1.0);
+    let vox = n * sp.iter().product::<usize>();
+    let labels: Vec<f32> = (0..vox).map(|_| rng.below(8) as f32).collect();
+    // (offset, count) of the two convs (3x3x3, 2 outputs each) and the slice.
+    let ranges = [(1usize, 3usize), (2, 4)];
+    let (s_off, s_cnt) = (0usize, 2usize);
+    let w1 = rng.vec_f32(2 * 3 * 27, -0.3, 0.3);
+    let w2 = rng.vec_f32(2 * 4 * 27, -0.3, 0.3);
+    let w3 = rng.vec_f32(2 * cin * 27, -0.3, 0.3);
+    let mut sel = vec![0.0; s_cnt * cin];
+    for c in 0..s_cnt {
+        sel[c * cin + s_off + c] = 1.0;
+    }
+    let run = |ranged: bool, full_first: bool| -> Vec<f32> {
+        let mut g = Graph::new(&ctx, Mode::Train);
+        let t = |d: &[f32], s: [usize; 5]| Tensor::from_slice(&ctx, Shape5(s), d, "t").unwrap();
+        let xv = g.variable(t(&x, xs.0));
+        let lv = g.input(t(&labels, [n, 1, sp[0], sp[1], sp[2]]));
+        let spec = Conv3dSpec::same([3; 3]);
+        let full = |g: &mut Graph<'_>| {
+            let w = g.input(t(&w3, [2, cin, 3, 3, 3]));
+            g.conv3d(xv, w, None, spec).unwrap()
+        };
+        let mut parts = Vec::new();
+        if full_first {
+            parts.push(full(&mut g));
+        }
+        for ((off, cnt), w) in ranges.iter().zip([&w1, &w2]) {
+            parts.push(if ranged {
+                let wv = g.input(t(w, [2, *cnt, 3, 3, 3]));
+                g.conv3d_channels(xv, *off, *cnt, wv, None, spec).unwrap()
+            } else {
+                let wp = pad_in_channels(w, 2, *cnt, 27, cin, *off);
+                let wv = g.input(t(&wp, [2, cin, 3, 3, 3]));
+                g.conv3d(xv, wv, None, spec).unwrap()
+            });
+        }
+        parts.push(if ranged {
+            g.slice_channels(xv, s_off, s_cnt).unwrap()
+        } else {
+            let wv = g.input(t(&sel, [s_cnt, cin, 1, 1, 1]));
+            g.conv3d(xv, wv, None, Conv3dSpec::same([1; 3])).unwrap()
+        });
+        if !full_first {
+            parts.push(full(&mut g));
+        }
+        let logits = g.concat(&parts).unwrap();
+        let l = g.softmax_cross_entropy(logits, lv).unwrap();
+        g.backward(l).unwrap();
+        g.submit();
+        g.grad(xv).unwrap().to_vec(&ctx).unwrap()
+    };
+    for full_first in [false, true] {
+        let reference = run(false, full_first);
+        let ranged = run(true, full_first);
+        assert_eq!(ranged.len(), x.len());
+        common::assert_close(&ranged, &reference, 1e-5, 1e-6, "ranged vs full reads");
+        // Every channel gets a gradient (channel 5 only through the full conv).
+        for c in 0..cin {
+            let vol = sp.iter().product::<usize>();
+            assert!(ranged[c * vol..(c + 1) * vol]
+                .iter()
+                .any(|v| v.abs() > 1e-6));
+        }
+    }
+}

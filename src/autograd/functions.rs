@@ -69,19 +69,21 @@ impl Graph<'_> {
             dt.channels(offset, count)?,
         )?;
         let src_shape = st.shape();
-        self.push(
+        self.push_owning(
             "append_channels",
             dt,
             &[dst, src],
+            Vec::new(),
             move |ctx, rec, gy, needs| {
                 let mut out = vec![None, None];
-                if needs[0] {
-                    out[0] = Some(gy.duplicate(ctx, rec, "append_channels d_dst")?);
-                }
                 if needs[1] {
                     let g = empty(ctx, src_shape, "append_channels d_src")?;
                     elementwise::copy_channels(ctx, rec, gy.channels(offset, count)?, g.all())?;
                     out[1] = Some(g);
+                }
+                // The previous version's gradient is the whole incoming one, passed on.
+                if needs[0] {
+                    out[0] = Some(gy);
                 }
                 Ok(out)
             },
@@ -204,7 +206,10 @@ impl Graph<'_> {
         let mut inputs = vec![x, w];
         inputs.extend(b);
         let has_bias = b.is_some();
-        self.push("conv3d", y, &inputs, move |ctx, rec, gy, needs| {
+        // A conv reading a channel range contributes only that range's gradient.
+        let full = offset == 0 && count == xt.shape().c();
+        let partial = vec![(!full).then_some((offset, xt.shape()))];
+        self.push_partial("conv3d", y, &inputs, partial, move |ctx, rec, gy, needs| {
             let masked = match &saved_y {
                 Some(y) => {
                     let g = empty(ctx, gy.shape(), "relu grad")?;
@@ -216,21 +221,13 @@ impl Graph<'_> {
             let g = masked.as_ref().unwrap_or(gy);
             let mut out = vec![None, None, None];
             if needs[0] {
-                let full = offset == 0 && count == xt.shape().c();
-                let dx = if full {
-                    empty(ctx, xt.shape(), "conv3d dx")?
-                } else {
-                    Tensor::zeros_recorded(ctx, rec, xt.shape(), "conv3d dx")?
-                };
-                conv3d_backward_input(
+                let s = xt.shape();
+                let dx = empty(
                     ctx,
-                    rec,
-                    g.all(),
-                    &wt,
-                    dx.channels(offset, count)?,
-                    &spec,
-                    AUTO,
+                    Shape5::new(s.n(), count, s.0[2], s.0[3], s.0[4]),
+                    "conv3d dx",
                 )?;
+                conv3d_backward_input(ctx, rec, g.all(), &wt, dx.all(), &spec, AUTO)?;
                 out[0] = Some(dx);
             }
             if needs[1] {
@@ -386,16 +383,16 @@ impl Graph<'_> {
         let ctx = self.ctx;
         let y = Rc::new(empty(ctx, at.shape(), "add")?);
         elementwise::add(ctx, &mut self.rec, &at, &bt, &y)?;
-        self.push("add", y, &[a, b], move |ctx, rec, gy, needs| {
-            // Both inputs receive the same gradient; copy for the second so each owner
+        self.push_owning("add", y, &[a, b], Vec::new(), move |ctx, rec, gy, needs| {
+            // Both inputs receive the same gradient: the second a copy, so each owner
             // can accumulate into its own tensor.
-            let first = needs[0]
-                .then(|| gy.duplicate(ctx, rec, "add da"))
-                .transpose()?;
-            let second = needs[1]
+            let second = (needs[0] && needs[1])
                 .then(|| gy.duplicate(ctx, rec, "add db"))
                 .transpose()?;
-            Ok(vec![first, second])
+            Ok(match (needs[0], second) {
+                (true, second) => vec![Some(gy), second],
+                (false, _) => vec![None, Some(gy)],
+            })
         })
     }
 
@@ -439,10 +436,10 @@ impl Graph<'_> {
             "slice",
         )?);
         elementwise::copy_channels(ctx, &mut self.rec, src, y.all())?;
-        self.push("slice_channels", y, &[x], move |ctx, rec, gy, _| {
-            let dx = Tensor::zeros_recorded(ctx, rec, s, "slice dx")?;
-            elementwise::copy_channels(ctx, rec, gy.all(), dx.channels(offset, count)?)?;
-            Ok(vec![Some(dx)])
+        let partial = vec![Some((offset, s))];
+        self.push_owning("slice_channels", y, &[x], partial, move |_, _, gy, _| {
+            // The whole gradient is the input's channel range (the tape places it).
+            Ok(vec![Some(gy)])
         })
     }
 }
@@ -693,11 +690,13 @@ impl Graph<'_> {
         let y = xt
             .duplicate(ctx, &mut self.rec, "reshape")?
             .reshaped(shape)?;
-        self.push("reshape", Rc::new(y), &[x], move |ctx, rec, gy, _| {
-            Ok(vec![Some(
-                gy.duplicate(ctx, rec, "reshape dx")?.reshaped(from)?,
-            )])
-        })
+        self.push_owning(
+            "reshape",
+            Rc::new(y),
+            &[x],
+            Vec::new(),
+            move |_, _, gy, _| Ok(vec![Some(gy.reshaped(from)?)]),
+        )
     }
 }
 

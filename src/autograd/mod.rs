@@ -19,8 +19,8 @@ pub use params::{ParamId, ParamKind, ParamStore};
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Recorder};
-use crate::ops::elementwise::add_assign;
-use crate::tensor::Tensor;
+use crate::ops::elementwise::{add_assign, add_channels, copy_channels};
+use crate::tensor::{Shape5, Tensor};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -41,10 +41,11 @@ pub struct Var {
     index: usize,
 }
 
-/// Computes the gradients of an op's inputs from the gradient of its output. Gets the
-/// inputs' "needs a gradient" flags; returns one entry per input.
+/// Computes the gradients of an op's inputs from the gradient of its output, which it
+/// owns (an op whose input gradient is that gradient passes it on without a copy). Gets
+/// the inputs' "needs a gradient" flags; returns one entry per input.
 type BackwardFn =
-    Box<dyn FnOnce(&GpuContext, &mut Recorder, &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>>;
+    Box<dyn FnOnce(&GpuContext, &mut Recorder, Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>>;
 
 struct Node {
     /// `None` once released ([`Graph::release`]): backward closures keep their own
@@ -54,6 +55,10 @@ struct Node {
     requires_grad: bool,
     param: Option<ParamId>,
     inputs: Vec<Var>,
+    /// Per input (empty: none): `Some((offset, shape))` when the backward's contribution
+    /// covers only channels `offset ..` of an input of `shape` (a conv reading a channel
+    /// range), so accumulation touches that range instead of a zero-padded full tensor.
+    partial: Vec<Option<(usize, Shape5)>>,
     backward: Option<BackwardFn>,
 }
 
@@ -190,6 +195,7 @@ impl<'c> Graph<'c> {
             requires_grad,
             param,
             inputs: Vec::new(),
+            partial: Vec::new(),
             backward: None,
         });
         Var {
@@ -269,6 +275,36 @@ impl<'c> Graph<'c> {
         backward: impl FnOnce(&GpuContext, &mut Recorder, &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>
             + 'static,
     ) -> Result<Var> {
+        self.push_partial(op, value, inputs, Vec::new(), backward)
+    }
+
+    /// [`Graph::push`] where `partial[k] = Some((offset, shape))` says the backward's
+    /// contribution to input `k` covers only its channels `offset ..` (see `Node`).
+    pub(crate) fn push_partial(
+        &mut self,
+        op: &'static str,
+        value: Rc<Tensor>,
+        inputs: &[Var],
+        partial: Vec<Option<(usize, Shape5)>>,
+        backward: impl FnOnce(&GpuContext, &mut Recorder, &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>
+            + 'static,
+    ) -> Result<Var> {
+        self.push_owning(op, value, inputs, partial, move |ctx, rec, gy, needs| {
+            backward(ctx, rec, &gy, needs)
+        })
+    }
+
+    /// [`Graph::push_partial`] with a backward that owns the output's gradient, for ops
+    /// that pass it on as an input's gradient (reshape, append, slice, add).
+    pub(crate) fn push_owning(
+        &mut self,
+        op: &'static str,
+        value: Rc<Tensor>,
+        inputs: &[Var],
+        partial: Vec<Option<(usize, Shape5)>>,
+        backward: impl FnOnce(&GpuContext, &mut Recorder, Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>
+            + 'static,
+    ) -> Result<Var> {
         let mut requires = false;
         for &i in inputs {
             requires |= self.node(i)?.requires_grad;
@@ -280,6 +316,7 @@ impl<'c> Graph<'c> {
             requires_grad: requires,
             param: None,
             inputs: inputs.to_vec(),
+            partial,
             backward: requires.then(|| Box::new(backward) as BackwardFn),
         });
         Ok(Var {
@@ -325,27 +362,53 @@ impl<'c> Graph<'c> {
                 continue;
             };
             let inputs = node.inputs.clone();
+            let partial = std::mem::take(&mut node.partial);
             let op = node.op;
             let needs: Vec<bool> = inputs
                 .iter()
                 .map(|v| self.nodes[v.index].requires_grad)
                 .collect();
             let contributions =
-                backward(self.ctx, &mut self.rec, &grad, &needs).map_err(|e| annotate(e, op, i))?;
-            for (v, g) in inputs.iter().zip(contributions) {
+                backward(self.ctx, &mut self.rec, grad, &needs).map_err(|e| annotate(e, op, i))?;
+            for (k, (v, g)) in inputs.iter().zip(contributions).enumerate() {
                 let Some(g) = g else { continue };
                 if !self.nodes[v.index].requires_grad {
                     continue;
                 }
-                match self.grads.get(&v.index) {
-                    Some(acc) => add_assign(self.ctx, &mut self.rec, acc, &g)?,
-                    None => {
-                        self.grads.insert(v.index, g);
-                    }
-                }
+                let range = partial.get(k).copied().flatten();
+                self.accumulate(v.index, g, range)
+                    .map_err(|e| annotate(e, op, i))?;
             }
         }
         Ok(out)
+    }
+
+    /// Adds `g` to value `index`'s gradient: the whole gradient, or with `range =
+    /// Some((offset, shape))` channels `offset ..` of a gradient of `shape` (zero
+    /// elsewhere; a first partial contribution becomes a zeroed full tensor).
+    fn accumulate(
+        &mut self,
+        index: usize,
+        g: Tensor,
+        range: Option<(usize, Shape5)>,
+    ) -> Result<()> {
+        let (ctx, rec) = (self.ctx, &mut self.rec);
+        match (self.grads.get(&index), range) {
+            (Some(acc), None) => add_assign(ctx, rec, acc, &g),
+            (Some(acc), Some((off, _))) => {
+                add_channels(ctx, rec, g.all(), acc.channels(off, g.shape().c())?)
+            }
+            (None, None) => {
+                self.grads.insert(index, g);
+                Ok(())
+            }
+            (None, Some((off, shape))) => {
+                let full = Tensor::zeros_recorded(ctx, rec, shape, "gradient")?;
+                copy_channels(ctx, rec, g.all(), full.channels(off, g.shape().c())?)?;
+                self.grads.insert(index, full);
+                Ok(())
+            }
+        }
     }
 
     /// The gradient of a [`Graph::variable`] leaf after [`Graph::backward`].
