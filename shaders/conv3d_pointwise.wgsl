@@ -65,11 +65,13 @@ fn conv3d_pointwise(
         return;
     }
     // A workgroup never straddles output-channel tiles or batch items: all its lanes
-    // read the same weights.
-    let sblock = wg % p.sblocks;
-    let rest = wg / p.sblocks;
-    let cot = rest % p.co_tiles;
-    let n = rest / p.co_tiles;
+    // read the same weights. The channel tile varies fastest, so the workgroups that
+    // read the same input voxels run back to back and find them in cache (lavapipe,
+    // N2 C194->64 32^3: 54-63 ms with the spatial block fastest, 46-48 ms this way).
+    let cot = wg % p.co_tiles;
+    let rest = wg / p.co_tiles;
+    let sblock = rest % p.sblocks;
+    let n = rest / p.sblocks;
     let vt = sblock * WG + lid;
     let v0 = min(vt, p.v_tiles - 1u) * XV;
     let co0 = cot * TC;

@@ -49,7 +49,8 @@ pub struct ConvWorkload {
     pub kernel: [usize; 3],
 }
 
-/// The standard forward workloads: W1 (3x3x3), W2 (the three asymmetric kernels), W3 (5x5x5).
+/// The standard forward workloads: W1 (3x3x3), W2 (the three asymmetric kernels), W3 (5x5x5),
+/// and a DenseNet bottleneck (1x1x1).
 pub fn conv_workloads() -> Vec<ConvWorkload> {
     let w = |name, cin, cout, kernel| ConvWorkload {
         name,
@@ -65,6 +66,8 @@ pub fn conv_workloads() -> Vec<ConvWorkload> {
         w("conv3d.fwd.W2.3x1x3", 32, 32, [3, 1, 3]),
         w("conv3d.fwd.W2.3x3x1", 32, 32, [3, 3, 1]),
         w("conv3d.fwd.W3", 8, 8, [5, 5, 5]),
+        // A DenseNet bottleneck (DU-Net's dense7: 1x1x1, C194->64), the pointwise kernel.
+        w("conv3d.fwd.bottleneck", 194, 64, [1, 1, 1]),
     ]
 }
 

@@ -221,7 +221,8 @@ fn every_tile_width_matches_cpu() {
 
 /// 1x1x1 convs with a whole number of voxel vec4s run the pointwise kernel (no input
 /// packing): channel ranges in and out, Cin not a multiple of 4, ragged voxel and
-/// channel tiles, ReLU, no bias; odd voxel counts take the packed kernel.
+/// channel tiles, several voxel workgroups per channel tile, ReLU, no bias; odd voxel
+/// counts take the packed kernel.
 #[test]
 fn pointwise_convs_match_cpu() {
     let ctx = gpu();
@@ -233,6 +234,8 @@ fn pointwise_convs_match_cpu() {
         (3, 7, [3, 3, 3]),
         // 32-channel tiles.
         (6, 64, [2, 2, 4]),
+        // Several workgroups of voxels (64 lanes x 4 voxels each) x channel tiles.
+        (10, 40, [8, 8, 12]),
     ] {
         for (in_off, out_off, relu, bias) in [(0, 0, false, true), (2, 3, true, false)] {
             cases.push(Case {
