@@ -31,6 +31,9 @@ struct Conv3dParams {
     off_d: i32, off_h: i32, off_w: i32,
     // First vec4 of this convolution's packed weight (phase groups share one buffer).
     w_off: u32,
+    // The packed input's 4-channel groups per batch item and the first one read (convs
+    // reading a channel range of one packing, ops/conv3d_chain.rs).
+    in_c4_total: u32, in_c4_off: u32,
 }
 
 @group(0) @binding(0) var<storage, read> inp: array<vec4<f32>>;
@@ -67,7 +70,7 @@ fn conv3d_forward(
     let oz = t2 / p.oh;
     let ox0 = xt * TX;
     let co0 = cot * TC;
-    let n_base = n * p.c4 * p.dp + p.in_off_d;
+    let n_base = (n * p.in_c4_total + p.in_c4_off) * p.dp + p.in_off_d;
     let w_tile = p.w_off + cot * p.c4 * KD * KH * NW;
     //{{SETUP}}
     //{{ACC_DECL}}

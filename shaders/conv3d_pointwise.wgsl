@@ -9,6 +9,12 @@
 // does TC x XV x 16 multiply-adds. MAC_BLOCK / EPILOGUE are generated unrolled by the
 // launcher (ops/conv3d.rs) as for conv3d.wgsl.
 //
+// Packed output (ops/conv3d_chain.rs): the result goes straight into conv3d.wgsl's
+// packed input layout ([N][C/4][Dp][Hp][Wp] vec4 of 4 channels, zero borders that the
+// caller cleared), for convolutions reading it: no NCDHW intermediate, no packing pass.
+// The epilogue then transposes each 4 channels x 4 voxels block (needs TC a multiple
+// of 4 and W a multiple of 4, so a voxel vec4 lies in one row).
+//
 // Prelude consts: TC, XV (and SG with subgroups).
 
 override HAS_BIAS: bool = false;
@@ -19,6 +25,11 @@ struct PointwiseParams {
     in_c_total: u32, in_c_off: u32, out_c_total: u32, out_c_off: u32,
     vol4: u32, v_tiles: u32, co_tiles: u32, sblocks: u32,
     total_wg: u32, pad0: u32, pad1: u32, pad2: u32,
+    // Packed output only: spatial W and H, the packing's 4-channel groups per batch
+    // item, its extents and where voxel (0, 0, 0) sits in it.
+    w: u32, h: u32, pc4: u32, pdp: u32,
+    php: u32, pwp: u32, ppd: u32, pph: u32,
+    ppw: u32, pad3: u32, pad4: u32, pad5: u32,
 }
 
 @group(0) @binding(0) var<storage, read> inp: array<vec4<f32>>;
@@ -37,10 +48,10 @@ fn load_in(n: u32, c: u32, v: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), x, c < p.cin);
 }
 
-// Writes output vec4 `v` of channel `co`: bias, ReLU, bounds.
-fn put(n: u32, co: u32, v: u32, a: vec4<f32>) {
-    if (co >= p.cout || v >= p.vol4) {
-        return;
+// Bias and ReLU of channel `co`'s values; zero past Cout (packed padding channels).
+fn finish(co: u32, a: vec4<f32>) -> vec4<f32> {
+    if (co >= p.cout) {
+        return vec4<f32>(0.0);
     }
     var r = a;
     if (HAS_BIAS) {
@@ -50,7 +61,41 @@ fn put(n: u32, co: u32, v: u32, a: vec4<f32>) {
         // select, not max: NaN must propagate (see elementwise.wgsl).
         r = select(r, vec4<f32>(0.0), r < vec4<f32>(0.0));
     }
-    output[(n * p.out_c_total + p.out_c_off + co) * p.vol4 + v] = r;
+    return r;
+}
+
+// Writes output vec4 `v` of channel `co`: bias, ReLU, bounds.
+fn put(n: u32, co: u32, v: u32, a: vec4<f32>) {
+    if (co >= p.cout || v >= p.vol4) {
+        return;
+    }
+    output[(n * p.out_c_total + p.out_c_off + co) * p.vol4 + v] = finish(co, a);
+}
+
+// Packed output: index of voxel vec4 `v`'s first voxel in 4-channel group 0.
+fn packed_base(n: u32, v: u32) -> u32 {
+    let vox = min(v, p.vol4 - 1u) * 4u;
+    let row = vox / p.w;
+    let y = row % p.h;
+    let z = row / p.h;
+    return ((n * p.pc4 * p.pdp + z + p.ppd) * p.php + y + p.pph) * p.pwp + vox % p.w + p.ppw;
+}
+
+// Packed output: channels co..co+3 (co a multiple of 4) of voxel vec4 `v` as four
+// channel vec4s.
+fn put_packed(base: u32, co: u32, v: u32, a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>) {
+    if (co >= p.cout || v >= p.vol4) {
+        return;
+    }
+    let r0 = finish(co, a0);
+    let r1 = finish(co + 1u, a1);
+    let r2 = finish(co + 2u, a2);
+    let r3 = finish(co + 3u, a3);
+    let o = base + (co / 4u) * p.pdp * p.php * p.pwp;
+    output[o] = vec4<f32>(r0.x, r1.x, r2.x, r3.x);
+    output[o + 1u] = vec4<f32>(r0.y, r1.y, r2.y, r3.y);
+    output[o + 2u] = vec4<f32>(r0.z, r1.z, r2.z, r3.z);
+    output[o + 3u] = vec4<f32>(r0.w, r1.w, r2.w, r3.w);
 }
 
 @compute @workgroup_size(64)

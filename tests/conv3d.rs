@@ -30,6 +30,14 @@ struct Case {
     bias: bool,
 }
 
+/// The values of batch item `n`, channel `c`.
+fn plane(a: &ndarray::Array5<f32>, n: usize, c: usize) -> Vec<f32> {
+    a.slice(ndarray::s![n, c, .., .., ..])
+        .iter()
+        .copied()
+        .collect()
+}
+
 fn run_case(ctx: &GpuContext, c: &Case, variant: Conv3dVariant, seed: u64) {
     run_case_on(ctx, c, Ok(variant), seed);
 }
@@ -77,17 +85,9 @@ fn run_case_on(ctx: &GpuContext, c: &Case, which: Result<Conv3dVariant, ConvKern
     let got = out.to_array(ctx).unwrap();
     for nn in 0..c.n {
         for ch in 0..c.out_total {
-            let g: Vec<f32> = got
-                .slice(ndarray::s![nn, ch, .., .., ..])
-                .iter()
-                .copied()
-                .collect();
+            let g = plane(&got, nn, ch);
             if ch >= c.out_off && ch < c.out_off + c.cout {
-                let e: Vec<f32> = want
-                    .slice(ndarray::s![nn, ch - c.out_off, .., .., ..])
-                    .iter()
-                    .copied()
-                    .collect();
+                let e = plane(&want, nn, ch - c.out_off);
                 assert_close(
                     &g,
                     &e,
@@ -418,4 +418,218 @@ fn gl_backend_runs_the_gemm_kernel() {
     c.spec = c.spec.with_stride([2, 1, 2]).with_relu(true);
     run_case(&ctx, &c, Conv3dVariant::Gemm, 78);
     run_case_on(&ctx, &c, Err(ConvKernel::Gemm(GemmTile::M64_N64)), 79);
+}
+
+/// One reader of [`pointwise_into_convs_matches_the_cpu_chain`]'s pointwise result.
+struct Reader {
+    in_off: usize,
+    cin: usize,
+    cout: usize,
+    kernel: [usize; 3],
+    spec: Conv3dSpec,
+    out_off: usize,
+}
+
+/// A 1x1x1 conv feeding convolutions over channel ranges of its result
+/// (`pointwise_into_convs`: a DenseNet bottleneck feeding a MixACB's groups in
+/// inference) against the CPU chain: the fused form (the result stored straight in the
+/// packed layout, one packing padded for the widest reader) with every register-tiled
+/// family, and the two-step form where it does not apply (GEMM family, W not a multiple
+/// of 4, a range off a 4-channel boundary). Output channels nobody writes keep a
+/// sentinel.
+#[test]
+fn pointwise_into_convs_matches_the_cpu_chain() {
+    use masnet_wgpu::ops::conv3d_chain::{pointwise_into_convs, ChainedConv};
+    let ctx = gpu();
+    let r = |in_off, cin, cout, kernel: [usize; 3], spec: Conv3dSpec, out_off| Reader {
+        in_off,
+        cin,
+        cout,
+        kernel,
+        spec,
+        out_off,
+    };
+    let same = |k: [usize; 3]| Conv3dSpec::same(k).with_relu(true);
+    // (n, input channels, offset read, Cin, pointwise Cout, size, readers, fusable)
+    let cases = [
+        // DU-Net's dense layer in small: 3:1 groups, 3^3 and 5^3.
+        (
+            2,
+            13,
+            2,
+            10,
+            16,
+            [6, 5, 8],
+            vec![
+                r(0, 12, 3, [3; 3], same([3; 3]), 1),
+                r(12, 4, 1, [5; 3], same([5; 3]), 5),
+            ],
+            true,
+        ),
+        // Asymmetric kernels, a reader without ReLU, overlapping ranges.
+        (
+            1,
+            7,
+            0,
+            7,
+            8,
+            [4, 6, 12],
+            vec![
+                r(0, 8, 5, [1, 3, 3], same([1, 3, 3]), 0),
+                r(4, 4, 2, [3, 3, 1], Conv3dSpec::same([3, 3, 1]), 5),
+            ],
+            true,
+        ),
+        // A strided reader (the packing still holds every voxel).
+        (
+            2,
+            6,
+            1,
+            5,
+            12,
+            [5, 6, 8],
+            vec![r(4, 8, 3, [3; 3], same([3; 3]).with_stride([2; 3]), 0)],
+            true,
+        ),
+        // W = 6: a voxel vec4 would straddle rows.
+        (
+            1,
+            5,
+            0,
+            5,
+            8,
+            [4, 2, 6],
+            vec![r(0, 8, 3, [3; 3], same([3; 3]), 0)],
+            false,
+        ),
+        // A range starting inside a 4-channel group.
+        (
+            1,
+            5,
+            0,
+            5,
+            8,
+            [4, 4, 4],
+            vec![r(2, 6, 3, [3; 3], same([3; 3]), 0)],
+            false,
+        ),
+    ];
+    for (i, (n, ctot, in_off, cin, mid, size, readers, fusable)) in cases.iter().enumerate() {
+        let seed = 300 + 10 * i as u64;
+        let [d, h, w] = *size;
+        let x = random([*n, *ctot, d, h, w], seed);
+        let wp = random([*mid, *cin, 1, 1, 1], seed + 1);
+        let bp: Vec<f32> = random([1, *mid, 1, 1, 1], seed + 2)
+            .iter()
+            .copied()
+            .collect();
+        let pspec = Conv3dSpec::same([1; 3]).with_relu(true);
+        let y = conv3d_forward_cpu(&x, *in_off, &wp, Some(&bp), &pspec).unwrap();
+        let mut weights = Vec::new();
+        let mut wants = Vec::new();
+        for (j, rd) in readers.iter().enumerate() {
+            let [kd, kh, kw] = rd.kernel;
+            let wr = random([rd.cout, rd.cin, kd, kh, kw], seed + 3 + 2 * j as u64);
+            let br: Vec<f32> = random([1, rd.cout, 1, 1, 1], seed + 4 + 2 * j as u64)
+                .iter()
+                .copied()
+                .collect();
+            wants.push(conv3d_forward_cpu(&y, rd.in_off, &wr, Some(&br), &rd.spec).unwrap());
+            weights.push((
+                Tensor::from_array(&ctx, &wr, "reader w").unwrap(),
+                Tensor::from_slice(&ctx, Shape5::new(1, rd.cout, 1, 1, 1), &br, "reader b")
+                    .unwrap(),
+            ));
+        }
+        let ws = wants[0].shape().to_vec();
+        let out_total = readers.iter().map(|rd| rd.out_off + rd.cout).max().unwrap() + 1;
+        let oshape = Shape5::new(*n, out_total, ws[2], ws[3], ws[4]);
+        for v in variants(&ctx) {
+            let xt = Tensor::from_array(&ctx, &x, "x").unwrap();
+            let wpt = Tensor::from_array(&ctx, &wp, "pointwise w").unwrap();
+            let bpt = Tensor::from_slice(&ctx, Shape5::new(1, *mid, 1, 1, 1), &bp, "pw b").unwrap();
+            let out = Tensor::from_slice(&ctx, oshape, &vec![7.5; oshape.numel().unwrap()], "out")
+                .unwrap();
+            let convs: Vec<ChainedConv<'_>> = readers
+                .iter()
+                .zip(&weights)
+                .map(|(rd, (wt, bt))| ChainedConv {
+                    in_offset: rd.in_off,
+                    weight: wt,
+                    bias: Some(bt),
+                    spec: rd.spec,
+                    output: out.channels(rd.out_off, rd.cout).unwrap(),
+                })
+                .collect();
+            let mut rec = ctx.recorder();
+            let fused = pointwise_into_convs(
+                &ctx,
+                &mut rec,
+                xt.channels(*in_off, *cin).unwrap(),
+                &wpt,
+                Some(&bpt),
+                &pspec,
+                &convs,
+                v,
+            )
+            .unwrap();
+            ctx.submit(rec);
+            assert_eq!(
+                fused,
+                *fusable && v != Conv3dVariant::Gemm,
+                "case {i} {v:?}"
+            );
+            let got = out.to_array(&ctx).unwrap();
+            for nn in 0..*n {
+                for ch in 0..out_total {
+                    let g = plane(&got, nn, ch);
+                    match readers
+                        .iter()
+                        .position(|rd| ch >= rd.out_off && ch < rd.out_off + rd.cout)
+                    {
+                        Some(j) => {
+                            let e = plane(&wants[j], nn, ch - readers[j].out_off);
+                            assert_close(
+                                &g,
+                                &e,
+                                RTOL,
+                                ATOL,
+                                &format!("case {i} {v:?} n{nn} c{ch}"),
+                            );
+                        }
+                        None => assert!(
+                            g.iter().all(|&v| v == 7.5),
+                            "case {i}: channel {ch} written"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    // Bad input: a reader past the pointwise result's channels.
+    let xt = Tensor::zeros(&ctx, Shape5::new(1, 4, 4, 4, 4), "x").unwrap();
+    let wpt = Tensor::zeros(&ctx, Shape5::new(8, 4, 1, 1, 1), "pointwise w").unwrap();
+    let wr = Tensor::zeros(&ctx, Shape5::new(2, 8, 3, 3, 3), "reader w").unwrap();
+    let out = Tensor::zeros(&ctx, Shape5::new(1, 2, 4, 4, 4), "out").unwrap();
+    let convs = [ChainedConv {
+        in_offset: 4,
+        weight: &wr,
+        bias: None,
+        spec: Conv3dSpec::same([3; 3]),
+        output: out.all(),
+    }];
+    let mut rec = ctx.recorder();
+    let err = pointwise_into_convs(
+        &ctx,
+        &mut rec,
+        xt.all(),
+        &wpt,
+        None,
+        &Conv3dSpec::same([1; 3]),
+        &convs,
+        Conv3dVariant::Auto,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("reader w") && err.contains("4..12"), "{err}");
 }

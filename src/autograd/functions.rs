@@ -9,6 +9,7 @@ use crate::ops::conv3d::{conv3d_check, conv3d_flops, conv3d_forward, Conv3dSpec,
 use crate::ops::conv3d_backward::{
     conv3d_backward_bias, conv3d_backward_input, conv3d_backward_weight,
 };
+use crate::ops::conv3d_chain::{pointwise_into_convs, ChainedConv};
 use crate::ops::conv_transpose3d::{
     conv_transpose3d_backward_bias, conv_transpose3d_backward_input,
     conv_transpose3d_backward_weight, conv_transpose3d_check, conv_transpose3d_flops,
@@ -135,6 +136,68 @@ impl Graph<'_> {
         )?;
         self.flops += conv_transpose3d_flops(xt.shape(), wt.shape());
         Ok(())
+    }
+
+    /// `relu?(1x1x1 conv of channels offset .. offset + Cin of x)` read only by `groups`
+    /// (each reading its channel range of that result and writing its channel range of
+    /// `dst`), no-grad graphs: the result goes straight into the packed layout the
+    /// groups' convolutions read, with no intermediate value (`ops::conv3d_chain`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pointwise_into_groups(
+        &mut self,
+        x: Var,
+        offset: usize,
+        w: Var,
+        b: Option<Var>,
+        spec: Conv3dSpec,
+        groups: &[ConvGroup],
+        dst: Var,
+    ) -> Result<()> {
+        self.require_no_grad("pointwise_into_groups")?;
+        let (xt, wt, bt, bias_len) = self.conv_operands(x, w, b)?;
+        let dt = self.tensor(dst)?;
+        let cin = wt.shape().0[1];
+        let yshape = conv3d_check(xt.shape(), (offset, cin), wt.shape(), bias_len, &spec)?;
+        self.flops += conv3d_flops(yshape, wt.shape());
+        let mut tensors = Vec::new();
+        for gr in groups {
+            let gw = self.tensor(gr.weight)?;
+            let gb = gr.bias.map(|b| self.tensor(b)).transpose()?;
+            let gbl = gb.as_ref().map(|b| b.shape().numel()).transpose()?;
+            let oshape = conv3d_check(
+                yshape,
+                (gr.in_offset, gw.shape().0[1]),
+                gw.shape(),
+                gbl,
+                &gr.spec,
+            )?;
+            self.flops += conv3d_flops(oshape, gw.shape());
+            tensors.push((gw, gb, oshape.c()));
+        }
+        let convs = groups
+            .iter()
+            .zip(&tensors)
+            .map(|(gr, (gw, gb, cout))| {
+                Ok(ChainedConv {
+                    in_offset: gr.in_offset,
+                    weight: gw,
+                    bias: gb.as_deref(),
+                    spec: gr.spec,
+                    output: dt.channels(gr.out_offset, *cout)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        pointwise_into_convs(
+            self.ctx,
+            &mut self.rec,
+            xt.channels(offset, cin)?,
+            &wt,
+            bt.as_deref(),
+            &spec,
+            &convs,
+            AUTO,
+        )
+        .map(|_| ())
     }
 
     /// [`Graph::conv3d_channels`] writing its result into channels `out_offset..` of `dst`

@@ -4,14 +4,14 @@
 //! Layer-by-layer reference: `../shared/reference/dunet-mixacb-spec.md`, summarised in
 //! `docs/models.md`.
 
-use crate::autograd::{Graph, Mode, ParamKind, ParamStore, Var};
+use crate::autograd::{ConvGroup, Graph, Mode, ParamKind, ParamStore, Var};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::init::Init;
 use crate::nn::blocks::convert_up;
 pub use crate::nn::blocks::{bn_spec, Block, BlockKind, ConvBn, ModelForm, UpLayer};
 use crate::nn::layers::{read_checked, BatchNorm, Builder, Conv, ConvTranspose};
-use crate::nn::mixacb::MixSpec;
+use crate::nn::mixacb::{FusedMixAcb, MixSpec};
 use crate::ops::conv3d::Conv3dSpec;
 use crate::ops::conv_transpose3d::ConvTranspose3dSpec;
 use crate::rng::Rng;
@@ -73,6 +73,35 @@ pub struct DenseLayer {
     pub block: Block,
     /// Slot name of the block (`mixacb` or `conv3`).
     slot: &'static str,
+}
+
+impl DenseLayer {
+    /// Inference (no-grad): the layer on channels `..c` of `buf`, its new channels
+    /// written at `c..`. A folded bottleneck feeding a per-group MixACB stores its
+    /// result straight in the packed layout the groups read (`pointwise_into_groups`).
+    fn forward_into(&self, g: &mut Graph<'_>, s: &ParamStore, buf: Var, c: usize) -> Result<()> {
+        if let (None, Block::Fused(FusedMixAcb::Groups { groups, .. })) =
+            (&self.bottleneck.bn, &self.block)
+        {
+            let mut gs = Vec::new();
+            for (io, oo, conv) in groups {
+                gs.push(ConvGroup {
+                    in_offset: *io,
+                    out_offset: c + oo,
+                    weight: g.param(s, conv.weight)?,
+                    bias: conv.bias.map(|b| g.param(s, b)).transpose()?,
+                    spec: conv.spec.with_relu(true),
+                });
+            }
+            let conv = &self.bottleneck.conv;
+            let w = g.param(s, conv.weight)?;
+            let b = conv.bias.map(|b| g.param(s, b)).transpose()?;
+            return g.pointwise_into_groups(buf, 0, w, b, conv.spec.with_relu(true), &gs, buf);
+        }
+        let b = self.bottleneck.forward_relu(g, s, buf, 0)?;
+        self.block.forward_relu_into(g, s, b, 0, buf, c)?;
+        g.release(b)
+    }
 }
 
 /// The whole network.
@@ -293,9 +322,7 @@ impl Dunet {
                     c += ps.c();
                 }
                 for layer in layers {
-                    let b = layer.bottleneck.forward_relu(g, s, buf, 0)?;
-                    layer.block.forward_relu_into(g, s, b, 0, buf, c)?;
-                    g.release(b)?;
+                    layer.forward_into(g, s, buf, c)?;
                     c += self.config.growth;
                 }
                 used = c;

@@ -716,6 +716,7 @@ pub fn conv3d_forward_kernel(
             in_off: [0; 3],
             phase: None,
             w_off: 0,
+            in_c4: (c4, 0),
         },
         bias,
         output,
@@ -874,6 +875,9 @@ pub(crate) struct PackedConv<'a> {
     pub phase: Option<PhaseStore>,
     /// First vec4 of this convolution's weight in `weight`.
     pub w_off: usize,
+    /// 4-channel groups of `input` per batch item and the first this conv reads (`c4`
+    /// and 0 unless it reads a channel range of a shared packing).
+    pub in_c4: (usize, usize),
 }
 
 /// How a phase convolution's values map to the transposed conv's output: channel `c`
@@ -996,6 +1000,7 @@ pub(crate) fn conv_packed(
         vals.push(v as u32);
     }
     vals.push(as_u32(pc.w_off, "weight offset")?);
+    vals.extend(u32s(&[pc.in_c4.0, pc.in_c4.1])?);
     let params = uniform_u32(ctx, &vals)?;
     // Without a bias the kernel never reads binding 2; bind the weight as a stand-in.
     let (bbuf, bbytes) = match bias {

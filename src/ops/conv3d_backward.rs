@@ -233,6 +233,7 @@ pub(crate) fn transposed_conv_kernel(
             in_off: [0; 3],
             phase: None,
             w_off: 0,
+            in_c4: (cout.div_ceil(4), 0),
         },
         bias,
         grad_in,

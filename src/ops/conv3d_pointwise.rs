@@ -2,7 +2,7 @@
 //! tiled family's kernel for them (`Tiled` / `Subgroup`), with no input packing. See
 //! `shaders/conv3d_pointwise.wgsl`. The weight is packed as for `conv3d.wgsl`.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Binding, GpuContext, PipelineKey, Recorder};
 use crate::ops::conv3d::{as_u32, grid_for, u32s, weight_lines, Conv3dSpec, ConvTile};
 use crate::ops::params::{dispatch, uniform_u32};
@@ -36,8 +36,9 @@ pub fn tile_for(cout: usize) -> (usize, usize) {
     (tc, 1)
 }
 
-/// Generates the unrolled parts of `shaders/conv3d_pointwise.wgsl`.
-pub fn pointwise_source(tc: usize, xv: usize, subgroup: bool) -> String {
+/// Generates the unrolled parts of `shaders/conv3d_pointwise.wgsl`; with `packed`, the
+/// epilogue stores in conv3d's packed input layout (`tc` a multiple of 4).
+pub fn pointwise_source(tc: usize, xv: usize, subgroup: bool, packed: bool) -> String {
     use std::fmt::Write;
     let mut acc = String::new();
     let mut mac = String::new();
@@ -45,7 +46,24 @@ pub fn pointwise_source(tc: usize, xv: usize, subgroup: bool) -> String {
     for c in 0..tc {
         for v in 0..xv {
             let _ = writeln!(acc, "    var a{c}_{v} = vec4<f32>(0.0);");
-            let _ = writeln!(epi, "    put(n, co0 + {c}u, v0 + {v}u, a{c}_{v});");
+            if !packed {
+                let _ = writeln!(epi, "    put(n, co0 + {c}u, v0 + {v}u, a{c}_{v});");
+            }
+        }
+    }
+    if packed {
+        for v in 0..xv {
+            let _ = writeln!(epi, "    let pb{v} = packed_base(n, v0 + {v}u);");
+            for c in (0..tc).step_by(4) {
+                let _ = writeln!(
+                    epi,
+                    "    put_packed(pb{v}, co0 + {c}u, v0 + {v}u, a{c}_{v}, a{}_{v}, a{}_{v}, \
+                     a{}_{v});",
+                    c + 1,
+                    c + 2,
+                    c + 3
+                );
+            }
         }
     }
     let mut voxels = String::new();
@@ -96,19 +114,25 @@ pub fn pointwise_source(tc: usize, xv: usize, subgroup: bool) -> String {
 /// The shader as the launcher specialises it, with and without subgroups (name, WGSL),
 /// for the portability test.
 pub fn shader_variants() -> Vec<(String, String)> {
-    [(16, 2, false), (4, 4, true), (16, 2, true)]
-        .into_iter()
-        .map(|(tc, xv, sub)| {
-            let key = key(tc, xv, sub.then_some(32));
-            (
-                format!("conv3d_pointwise tc{tc} xv{xv} subgroup={sub}"),
-                format!("{}{}", key.prelude(), pointwise_source(tc, xv, sub)),
-            )
-        })
-        .collect()
+    [
+        (16, 2, false, false),
+        (4, 4, true, false),
+        (16, 2, true, false),
+        (32, 1, true, true),
+        (8, 2, false, true),
+    ]
+    .into_iter()
+    .map(|(tc, xv, sub, packed)| {
+        let key = key(tc, xv, sub.then_some(32), packed);
+        (
+            format!("conv3d_pointwise tc{tc} xv{xv} subgroup={sub} packed={packed}"),
+            format!("{}{}", key.prelude(), pointwise_source(tc, xv, sub, packed)),
+        )
+    })
+    .collect()
 }
 
-fn key(tc: usize, xv: usize, subgroup: Option<u32>) -> PipelineKey {
+fn key(tc: usize, xv: usize, subgroup: Option<u32>, packed: bool) -> PipelineKey {
     let mut k = PipelineKey::new(
         if subgroup.is_some() {
             "conv3d_pointwise_subgroup"
@@ -122,7 +146,23 @@ fn key(tc: usize, xv: usize, subgroup: Option<u32>) -> PipelineKey {
     if let Some(s) = subgroup {
         k = k.with_const("SG", s);
     }
+    if packed {
+        k = k.with_const("PACKED", 1);
+    }
     k
+}
+
+/// Where a pointwise conv stores its result.
+pub(crate) enum PointwiseOut<'a> {
+    /// A channel range of an NCDHW tensor.
+    Channels(ChannelSlice<'a>),
+    /// conv3d's packed input layout: `tensor` is `[N, 4 * c4, ext]` (borders zeroed by
+    /// the caller), voxel (0, 0, 0) at `origin`.
+    Packed {
+        tensor: &'a Tensor,
+        ext: [usize; 3],
+        origin: [usize; 3],
+    },
 }
 
 /// Records `output = input · weight (+ bias) (ReLU)` for a 1x1x1 conv whose checks the
@@ -133,28 +173,81 @@ pub(crate) fn conv_pointwise(
     rec: &mut Recorder,
     input: ChannelSlice<'_>,
     packed_w: &Tensor,
-    (tc, xv): (usize, usize),
+    tile: (usize, usize),
     subgroup: Option<u32>,
     bias: Option<&Tensor>,
     output: ChannelSlice<'_>,
     relu: bool,
 ) -> Result<()> {
-    let is = input.tensor.shape();
-    let os = output.tensor.shape();
-    let n = is.n();
-    let vol4 = os.spatial().iter().product::<usize>() / 4;
     let cout = output.count;
+    conv_pointwise_to(
+        ctx,
+        rec,
+        input,
+        packed_w,
+        tile,
+        subgroup,
+        bias,
+        cout,
+        PointwiseOut::Channels(output),
+        relu,
+    )
+}
+
+/// [`conv_pointwise`] of `cout` channels into `out`; a packed `out` needs `tc` and W
+/// multiples of 4.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_pointwise_to(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    input: ChannelSlice<'_>,
+    packed_w: &Tensor,
+    (tc, xv): (usize, usize),
+    subgroup: Option<u32>,
+    bias: Option<&Tensor>,
+    cout: usize,
+    out: PointwiseOut<'_>,
+    relu: bool,
+) -> Result<()> {
+    let is = input.tensor.shape();
+    let n = is.n();
+    let [d, h, w] = is.spatial();
+    let vol4 = d * h * w / 4;
+    let packed = matches!(out, PointwiseOut::Packed { .. });
+    if packed && (!tc.is_multiple_of(4) || !w.is_multiple_of(4)) {
+        return Err(Error::InvalidArgument(format!(
+            "pointwise conv into a packed layout needs 4-channel tiles and W a multiple of \
+             4 (tile {tc}, W {w})"
+        )));
+    }
+    let (obuf, obytes, out_c_total, out_c_off) = match &out {
+        PointwiseOut::Channels(o) => (
+            o.tensor.buffer(),
+            o.tensor.bytes(),
+            o.tensor.shape().c(),
+            o.offset,
+        ),
+        PointwiseOut::Packed { tensor, .. } => (tensor.buffer(), tensor.bytes(), 0, 0),
+    };
+    let (pc4, ext, origin) = match &out {
+        PointwiseOut::Packed {
+            tensor,
+            ext,
+            origin,
+        } => (tensor.shape().c() / 4, *ext, *origin),
+        PointwiseOut::Channels(_) => (0, [0; 3], [0; 3]),
+    };
     let v_tiles = vol4.div_ceil(xv);
     let co_tiles = cout.div_ceil(tc);
     let sblocks = v_tiles.div_ceil(WG);
     let grid = grid_for(ctx, sblocks * co_tiles * n)?;
-    let key = key(tc, xv, subgroup)
+    let key = key(tc, xv, subgroup, packed)
         .with_override("HAS_BIAS", f64::from(u8::from(bias.is_some())))
         .with_override("RELU", f64::from(u8::from(relu)));
     let pipe = ctx.pipelines.get(
         &ctx.device,
         &key,
-        &pointwise_source(tc, xv, subgroup.is_some()),
+        &pointwise_source(tc, xv, subgroup.is_some(), packed),
         &[
             Binding::ReadOnly,
             Binding::ReadOnly,
@@ -172,13 +265,25 @@ pub(crate) fn conv_pointwise(
             cout,
             is.c(),
             input.offset,
-            os.c(),
-            output.offset,
+            out_c_total,
+            out_c_off,
             vol4,
             v_tiles,
             co_tiles,
             sblocks,
             as_u32(grid.total as usize, "pointwise workgroups")? as usize,
+            0,
+            0,
+            0,
+            w,
+            h,
+            pc4,
+            ext[0],
+            ext[1],
+            ext[2],
+            origin[0],
+            origin[1],
+            origin[2],
             0,
             0,
             0,
@@ -197,7 +302,7 @@ pub(crate) fn conv_pointwise(
             (input.tensor.buffer(), input.tensor.bytes()),
             (packed_w.buffer(), packed_w.bytes()),
             (bbuf, bbytes),
-            (output.tensor.buffer(), output.tensor.bytes()),
+            (obuf, obytes),
             (&params, params.size()),
         ],
         grid,

@@ -329,6 +329,7 @@ fn forward_direct(
                 subgroup: sub,
                 in_off: std::array::from_fn(|a| most[a] - g.taps[a]),
                 w_off,
+                in_c4: (input.count.div_ceil(4), 0),
                 phase: Some(PhaseStore {
                     extent: plan.extent,
                     cb: cout,

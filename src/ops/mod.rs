@@ -5,6 +5,7 @@ pub mod adam;
 pub mod batchnorm;
 pub mod conv3d;
 pub mod conv3d_backward;
+pub mod conv3d_chain;
 pub mod conv3d_gemm;
 pub mod conv3d_pointwise;
 pub mod conv_transpose3d;
