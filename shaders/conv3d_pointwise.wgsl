@@ -15,6 +15,12 @@
 // The epilogue then transposes each 4 channels x 4 voxels block (needs TC a multiple
 // of 4 and W a multiple of 4, so a voxel vec4 lies in one row).
 //
+// Pairs (ops/conv_transpose3d.rs): a k = s = 2 transposed conv as one product over 8
+// Cout channels, ordered j = (q * Cout + co) * 2 + pw for class (pd, ph, pw), q = pd * 2
+// + ph (conv_transpose3d_interleave.wgsl, pack_pair_weights). A tile holds both W
+// classes of TC / 2 channels of one q (Cout a multiple of TC / 2), so a voxel vec4's
+// 8 outputs along the doubled W leave as two vec4 stores (W a multiple of 4).
+//
 // Prelude consts: TC, XV (and SG with subgroups).
 
 override HAS_BIAS: bool = false;
@@ -29,7 +35,9 @@ struct PointwiseParams {
     // item, its extents and where voxel (0, 0, 0) sits in it.
     w: u32, h: u32, pc4: u32, pdp: u32,
     php: u32, pwp: u32, ppd: u32, pph: u32,
-    ppw: u32, pad3: u32, pad4: u32, pad5: u32,
+    ppw: u32,
+    // Pairs only: input D and the transposed conv's Cout.
+    d: u32, cb: u32, pad5: u32,
 }
 
 @group(0) @binding(0) var<storage, read> inp: array<vec4<f32>>;
@@ -79,6 +87,26 @@ fn packed_base(n: u32, v: u32) -> u32 {
     let y = row % p.h;
     let z = row / p.h;
     return ((n * p.pc4 * p.pdp + z + p.ppd) * p.php + y + p.pph) * p.pwp + vox % p.w + p.ppw;
+}
+
+// Pairs: channel `co` (< Cout) of class q = pd * 2 + ph at voxel vec4 `v`: `a0` the
+// values of W class 0, `a1` of class 1, interleaved into 8 consecutive outputs.
+fn put_pairs(n: u32, q: u32, co: u32, v: u32, a0: vec4<f32>, a1: vec4<f32>) {
+    if (co >= p.cb || v >= p.vol4) {
+        return;
+    }
+    let vox = v * 4u;
+    let x = vox % p.w;
+    let row = vox / p.w;
+    let y = row % p.h;
+    let z = row / p.h;
+    let oz = 2u * z + q / 2u;
+    let oy = 2u * y + q % 2u;
+    let o = (((n * p.out_c_total + p.out_c_off + co) * 2u * p.d + oz) * 2u * p.h + oy) * (p.w / 2u) + x / 2u;
+    let r0 = finish(co, a0);
+    let r1 = finish(co, a1);
+    output[o] = vec4<f32>(r0.x, r1.x, r0.y, r1.y);
+    output[o + 1u] = vec4<f32>(r0.z, r1.z, r0.w, r1.w);
 }
 
 // Packed output: channels co..co+3 (co a multiple of 4) of voxel vec4 `v` as four

@@ -15,9 +15,9 @@
 // those output positions get the bias only.
 //
 // The file is split into sections (`// @section NAME` lines); the launcher compiles the
-// common part (up to the first section) followed by `phase_weight`, or by `interleave`
-// and then `scalar` or `vec4`, so entry points whose bindings differ never share a
-// module.
+// common part (up to the first section) followed by `phase_weight`, `pack_phase_weights`
+// or `pack_pair_weights`, or by `interleave` and then `scalar` or `vec4`, so entry points
+// whose bindings differ never share a module.
 
 const NONE: u32 = 0xffffffffu;
 
@@ -138,6 +138,54 @@ fn pack_phase_weights(
             let ci = ci4 * 4u + k;
             if (ci < p.cin) {
                 v[k] = src[(((ci * p.cout + co) * p.kd + kz) * p.kh + ky) * p.kw + kx];
+            }
+        }
+    }
+    dst[i] = v;
+}
+
+// @section pack_pair_weights
+
+// k = s = 2 without cropping as one 1x1x1 product (conv3d_pointwise.wgsl, pairs
+// epilogue): the weight in the pointwise kernel's packed layout [co_tile][ci4][TC] of
+// vec4 (conv3d_pack_weight.wgsl, kernel 1x1x1), product channel j = (q * Cout + co) * 2
+// + pw for class (pd, ph, pw), q = pd * 2 + ph, so a tile holds both W classes of its
+// channels and their 8 interleaved outputs leave as two vec4 stores. Zero past 8 Cout
+// channels and past Cin.
+struct PackPairParams {
+    cin: u32, cout: u32, c4: u32, tc: u32,
+    total: u32, pad0: u32, pad1: u32, pad2: u32,
+}
+
+@group(0) @binding(0) var<storage, read> src: array<f32>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<f32>>;
+@group(0) @binding(2) var<uniform> p: PackPairParams;
+
+@compute @workgroup_size(64)
+fn pack_pair_weights(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = linear_id(wid, nwg, lid);
+    if (i >= p.total) {
+        return;
+    }
+    let c = i % p.tc;
+    let r = i / p.tc;
+    let ci4 = r % p.c4;
+    let j = (r / p.c4) * p.tc + c;
+    let pair = j / 2u;
+    let q = pair / p.cout;
+    var v = vec4<f32>(0.0);
+    if (q < 4u) {
+        let co = pair % p.cout;
+        // Kernel position (pd, ph, pw) = (q / 2, q % 2, j % 2).
+        let tap = q * 2u + j % 2u;
+        for (var k = 0u; k < 4u; k++) {
+            let ci = ci4 * 4u + k;
+            if (ci < p.cin) {
+                v[k] = src[(ci * p.cout + co) * 8u + tap];
             }
         }
     }

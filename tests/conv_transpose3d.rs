@@ -815,3 +815,59 @@ fn fused_relu_is_refused_in_gradient_graphs() {
     assert!(e.contains("fused ReLU"), "{e}");
     assert!(run(false).is_ok());
 }
+
+/// The k = s = 2 pairs form's weight packing against its CPU reference: tiles that
+/// divide 8 Cout and one that leaves a partial tile, Cin not a multiple of 4; odd tiles
+/// and other kernels refused.
+#[test]
+fn packed_pair_weights_match_reference() {
+    let ctx = gpu();
+    for (cin, cout, tc) in [(5, 4, 8), (3, 8, 16), (6, 16, 32), (4, 3, 10)] {
+        let w = random([cin, cout, 2, 2, 2], 620 + tc as u64);
+        let wt = Tensor::from_array(&ctx, &w, "w").unwrap();
+        let want: Vec<f32> = conv_transpose3d_pack_pair_weights_f64(&w.mapv(f64::from), tc)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let mut rec = ctx.recorder();
+        let got = conv_transpose3d_pack_pair_weights(&ctx, &mut rec, &wt, tc).unwrap();
+        ctx.submit(rec);
+        // A permutation with zero fill: exact.
+        assert_close(
+            &got.to_vec(&ctx).unwrap(),
+            &want,
+            0.0,
+            0.0,
+            &format!("pair weights cin {cin} cout {cout} tc {tc}"),
+        );
+    }
+    let mut rec = ctx.recorder();
+    let w3 = Tensor::zeros(&ctx, Shape5::new(2, 2, 3, 3, 3), "w3").unwrap();
+    let e = conv_transpose3d_pack_pair_weights(&ctx, &mut rec, &w3, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'w3'") && e.contains("2x2x2"), "{e}");
+    let w2 = Tensor::zeros(&ctx, Shape5::new(2, 2, 2, 2, 2), "w2").unwrap();
+    let e = conv_transpose3d_pack_pair_weights(&ctx, &mut rec, &w2, 7)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tile 7"), "{e}");
+}
+
+/// k = s = 2 with input W a multiple of 4 runs the pairs form (one product over 8 Cout
+/// channels, both W classes per store): Cout choosing 32-, 16- and 8-channel tiles, a
+/// ragged voxel count, ReLU, channel ranges in and out; Cout 6 (not a multiple of 4)
+/// takes the phase form. Every family.
+#[test]
+fn k2_s2_pairs_form() {
+    let spec = ConvTranspose3dSpec::keras_same([2; 3], [2; 3]);
+    for (input, cout, relu, seed) in [
+        ([2, 3, 4], 16, false, 700),
+        ([3, 2, 8], 8, true, 710),
+        ([1, 5, 12], 4, false, 720),
+        ([4, 4, 4], 32, true, 730),
+        ([2, 2, 4], 6, false, 740),
+    ] {
+        check_forward_channels(input, [2; 3], spec, seed, relu, cout);
+    }
+}

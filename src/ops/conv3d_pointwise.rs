@@ -36,9 +36,21 @@ pub fn tile_for(cout: usize) -> (usize, usize) {
     (tc, 1)
 }
 
-/// Generates the unrolled parts of `shaders/conv3d_pointwise.wgsl`; with `packed`, the
-/// epilogue stores in conv3d's packed input layout (`tc` a multiple of 4).
-pub fn pointwise_source(tc: usize, xv: usize, subgroup: bool, packed: bool) -> String {
+/// How the pointwise kernel's epilogue stores (see `shaders/conv3d_pointwise.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// A channel range of an NCDHW tensor.
+    Channels,
+    /// conv3d's packed input layout (`tc` a multiple of 4).
+    Packed,
+    /// A k = s = 2 transposed conv's output, both W classes of a channel per store
+    /// (`tc` even).
+    Pairs,
+}
+
+/// Generates the unrolled parts of `shaders/conv3d_pointwise.wgsl` for `epilogue`.
+pub fn pointwise_source(tc: usize, xv: usize, subgroup: bool, epilogue: Epilogue) -> String {
+    let packed = epilogue == Epilogue::Packed;
     use std::fmt::Write;
     let mut acc = String::new();
     let mut mac = String::new();
@@ -46,8 +58,22 @@ pub fn pointwise_source(tc: usize, xv: usize, subgroup: bool, packed: bool) -> S
     for c in 0..tc {
         for v in 0..xv {
             let _ = writeln!(acc, "    var a{c}_{v} = vec4<f32>(0.0);");
-            if !packed {
+            if epilogue == Epilogue::Channels {
                 let _ = writeln!(epi, "    put(n, co0 + {c}u, v0 + {v}u, a{c}_{v});");
+            }
+        }
+    }
+    if epilogue == Epilogue::Pairs {
+        let _ = writeln!(epi, "    let pq = (co0 / 2u) / p.cb;");
+        let _ = writeln!(epi, "    let pco = (co0 / 2u) % p.cb;");
+        for v in 0..xv {
+            for i in 0..tc / 2 {
+                let _ = writeln!(
+                    epi,
+                    "    put_pairs(n, pq, pco + {i}u, v0 + {v}u, a{}_{v}, a{}_{v});",
+                    2 * i,
+                    2 * i + 1
+                );
             }
         }
     }
@@ -114,25 +140,28 @@ pub fn pointwise_source(tc: usize, xv: usize, subgroup: bool, packed: bool) -> S
 /// The shader as the launcher specialises it, with and without subgroups (name, WGSL),
 /// for the portability test.
 pub fn shader_variants() -> Vec<(String, String)> {
+    use Epilogue::*;
     [
-        (16, 2, false, false),
-        (4, 4, true, false),
-        (16, 2, true, false),
-        (32, 1, true, true),
-        (8, 2, false, true),
+        (16, 2, false, Channels),
+        (4, 4, true, Channels),
+        (16, 2, true, Channels),
+        (32, 1, true, Packed),
+        (8, 2, false, Packed),
+        (32, 1, true, Pairs),
+        (8, 2, false, Pairs),
     ]
     .into_iter()
-    .map(|(tc, xv, sub, packed)| {
-        let key = key(tc, xv, sub.then_some(32), packed);
+    .map(|(tc, xv, sub, epi)| {
+        let key = key(tc, xv, sub.then_some(32), epi);
         (
-            format!("conv3d_pointwise tc{tc} xv{xv} subgroup={sub} packed={packed}"),
-            format!("{}{}", key.prelude(), pointwise_source(tc, xv, sub, packed)),
+            format!("conv3d_pointwise tc{tc} xv{xv} subgroup={sub} {epi:?}"),
+            format!("{}{}", key.prelude(), pointwise_source(tc, xv, sub, epi)),
         )
     })
     .collect()
 }
 
-fn key(tc: usize, xv: usize, subgroup: Option<u32>, packed: bool) -> PipelineKey {
+fn key(tc: usize, xv: usize, subgroup: Option<u32>, epilogue: Epilogue) -> PipelineKey {
     let mut k = PipelineKey::new(
         if subgroup.is_some() {
             "conv3d_pointwise_subgroup"
@@ -146,10 +175,11 @@ fn key(tc: usize, xv: usize, subgroup: Option<u32>, packed: bool) -> PipelineKey
     if let Some(s) = subgroup {
         k = k.with_const("SG", s);
     }
-    if packed {
-        k = k.with_const("PACKED", 1);
+    match epilogue {
+        Epilogue::Channels => k,
+        Epilogue::Packed => k.with_const("PACKED", 1),
+        Epilogue::Pairs => k.with_const("PAIRS", 1),
     }
-    k
 }
 
 /// Where a pointwise conv stores its result.
@@ -163,6 +193,9 @@ pub(crate) enum PointwiseOut<'a> {
         ext: [usize; 3],
         origin: [usize; 3],
     },
+    /// A k = s = 2 transposed conv's output range (spatial extents twice the input's),
+    /// `cb` channels, product channels ordered as in [`Epilogue::Pairs`].
+    Pairs { output: ChannelSlice<'a>, cb: usize },
 }
 
 /// Records `output = input · weight (+ bias) (ReLU)` for a 1x1x1 conv whose checks the
@@ -213,15 +246,31 @@ pub(crate) fn conv_pointwise_to(
     let n = is.n();
     let [d, h, w] = is.spatial();
     let vol4 = d * h * w / 4;
-    let packed = matches!(out, PointwiseOut::Packed { .. });
-    if packed && (!tc.is_multiple_of(4) || !w.is_multiple_of(4)) {
+    let epilogue = match out {
+        PointwiseOut::Channels(_) => Epilogue::Channels,
+        PointwiseOut::Packed { .. } => Epilogue::Packed,
+        PointwiseOut::Pairs { .. } => Epilogue::Pairs,
+    };
+    let bad = match &out {
+        PointwiseOut::Channels(_) => false,
+        PointwiseOut::Packed { .. } => !tc.is_multiple_of(4) || !w.is_multiple_of(4),
+        PointwiseOut::Pairs { output, cb } => {
+            !tc.is_multiple_of(2)
+                || !cb.is_multiple_of(tc / 2)
+                || cout != 8 * cb
+                || output.count != *cb
+                || !w.is_multiple_of(4)
+                || output.tensor.shape().spatial() != [2 * d, 2 * h, 2 * w]
+        }
+    };
+    if bad {
         return Err(Error::InvalidArgument(format!(
-            "pointwise conv into a packed layout needs 4-channel tiles and W a multiple of \
-             4 (tile {tc}, W {w})"
+            "pointwise conv: {epilogue:?} output does not fit tile {tc}, {cout} channels, \
+             input {d}x{h}x{w}"
         )));
     }
     let (obuf, obytes, out_c_total, out_c_off) = match &out {
-        PointwiseOut::Channels(o) => (
+        PointwiseOut::Channels(o) | PointwiseOut::Pairs { output: o, .. } => (
             o.tensor.buffer(),
             o.tensor.bytes(),
             o.tensor.shape().c(),
@@ -235,19 +284,23 @@ pub(crate) fn conv_pointwise_to(
             ext,
             origin,
         } => (tensor.shape().c() / 4, *ext, *origin),
-        PointwiseOut::Channels(_) => (0, [0; 3], [0; 3]),
+        _ => (0, [0; 3], [0; 3]),
+    };
+    let cb = match &out {
+        PointwiseOut::Pairs { cb, .. } => *cb,
+        _ => 0,
     };
     let v_tiles = vol4.div_ceil(xv);
     let co_tiles = cout.div_ceil(tc);
     let sblocks = v_tiles.div_ceil(WG);
     let grid = grid_for(ctx, sblocks * co_tiles * n)?;
-    let key = key(tc, xv, subgroup, packed)
+    let key = key(tc, xv, subgroup, epilogue)
         .with_override("HAS_BIAS", f64::from(u8::from(bias.is_some())))
         .with_override("RELU", f64::from(u8::from(relu)));
     let pipe = ctx.pipelines.get(
         &ctx.device,
         &key,
-        &pointwise_source(tc, xv, subgroup.is_some(), packed),
+        &pointwise_source(tc, xv, subgroup.is_some(), epilogue),
         &[
             Binding::ReadOnly,
             Binding::ReadOnly,
@@ -284,8 +337,8 @@ pub(crate) fn conv_pointwise_to(
             origin[0],
             origin[1],
             origin[2],
-            0,
-            0,
+            d,
+            cb,
             0,
         ])?,
     )?;

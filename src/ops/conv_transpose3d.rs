@@ -29,6 +29,7 @@ use crate::ops::conv3d::{
 use crate::ops::conv3d_backward::{
     conv3d_backward_bias, conv3d_backward_weight, conv3d_backward_weight_f64, transposed_conv,
 };
+use crate::ops::conv3d_pointwise::{conv_pointwise_to, PointwiseOut};
 use crate::ops::params::{launch, Arg};
 use crate::tensor::{ChannelSlice, Shape5, Tensor};
 use ndarray::Array5;
@@ -243,7 +244,15 @@ pub fn conv_transpose3d_forward(
             }
         };
         if !matches!(kernel, ConvKernel::Gemm(_)) {
-            return forward_direct(ctx, rec, input, weight, bias, output, &plan, kernel, relu);
+            // The subgroup size of the subgroup family, `None` for the tiled one.
+            let sub = match kernel {
+                ConvKernel::Subgroup => subgroup_size_for(ctx, Conv3dVariant::Subgroup)?,
+                _ => None,
+            };
+            if let Some(tc) = pairs_tile(&plan, cout, ishape.spatial(), expect.spatial()) {
+                return forward_pairs(ctx, rec, input, weight, bias, output, sub, tc, relu);
+            }
+            return forward_direct(ctx, rec, input, weight, bias, output, &plan, sub, relu);
         }
     }
     let [td, th, tw] = plan.extent;
@@ -269,6 +278,92 @@ pub fn conv_transpose3d_forward(
     interleave(ctx, rec, &phases, &plan, bias, output, relu)
 }
 
+/// The channel tile of the pairs form of a k = s = 2 transposed conv (see
+/// [`forward_pairs`]), where it applies: kernel 2 and stride 2 on every axis, no
+/// cropping (output twice the input), input W a multiple of 4, Cout a multiple of 4.
+fn pairs_tile(
+    plan: &PhasePlan,
+    cout: usize,
+    input: [usize; 3],
+    output: [usize; 3],
+) -> Option<usize> {
+    let applies = plan.kernel == [2; 3]
+        && plan.stride == [2; 3]
+        && output == input.map(|v| 2 * v)
+        && input[2].is_multiple_of(4);
+    // Both W classes of TC / 2 channels of one class pair per tile, whole 8-lane blocks.
+    [32, 16, 8]
+        .into_iter()
+        .find(|tc| cout.is_multiple_of(tc / 2))
+        .filter(|_| applies)
+}
+
+/// A k = s = 2 transposed conv without cropping is one 1x1x1 product of the input
+/// (read straight from NCDHW) with 8 Cout channels: the pointwise kernel, its weight
+/// ordered so a tile holds both W classes of its channels and stores each voxel's 8
+/// outputs along W as two `vec4`s (`shaders/conv3d_pointwise.wgsl`, pairs). No input
+/// packing, no scalar strided stores.
+#[allow(clippy::too_many_arguments)]
+fn forward_pairs(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    input: ChannelSlice<'_>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    output: ChannelSlice<'_>,
+    sub: Option<u32>,
+    tc: usize,
+    relu: bool,
+) -> Result<()> {
+    let cout = weight.shape().0[1];
+    let packed_w = weight.derived(
+        || format!("convT pairs tc{tc}"),
+        || conv_transpose3d_pack_pair_weights(ctx, rec, weight, tc),
+    )?;
+    conv_pointwise_to(
+        ctx,
+        rec,
+        input,
+        &packed_w,
+        (tc, 1),
+        sub,
+        bias,
+        8 * cout,
+        PointwiseOut::Pairs { output, cb: cout },
+        relu,
+    )
+}
+
+/// Packs a k = s = 2 transposed conv's `[Cin, Cout, 2, 2, 2]` weight for the pairs form:
+/// the pointwise kernel's `[co_tile][ci4][tc]` vec4 layout over 8 Cout product channels,
+/// channel `j = (q * Cout + co) * 2 + pw` holding kernel position `(q / 2, q % 2, pw)`.
+pub fn conv_transpose3d_pack_pair_weights(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    weight: &Tensor,
+    tc: usize,
+) -> Result<Tensor> {
+    let ws = weight.shape();
+    let [cin, cout, kd, kh, kw] = ws.0;
+    if [kd, kh, kw] != [2; 3] || ws.has_zero() || tc == 0 || !tc.is_multiple_of(2) {
+        return Err(Error::Shape(format!(
+            "conv_transpose3d_pack_pair_weights: weight '{}' {ws} is not a 2x2x2 kernel, \
+             or tile {tc} is not even",
+            weight.name
+        )));
+    }
+    let c4 = cin.div_ceil(4);
+    let total = (8 * cout).div_ceil(tc) * c4 * tc;
+    let out = Tensor::empty(
+        ctx,
+        Shape5::new(1, 1, 1, total, 4),
+        "conv_transpose3d packed pair weights",
+    )?;
+    let params = u32s(&[cin, cout, c4, tc, total, 0, 0, 0])?;
+    weight_pass(ctx, rec, "pack_pair_weights", weight, &out, &params, total)?;
+    Ok(out)
+}
+
 /// The phase convolutions on one shared packing of the input, each storing straight
 /// into its strided output positions (see `shaders/conv3d.wgsl`, `phase_store`).
 #[allow(clippy::too_many_arguments)]
@@ -280,14 +375,10 @@ fn forward_direct(
     bias: Option<&Tensor>,
     output: ChannelSlice<'_>,
     plan: &PhasePlan,
-    kernel: ConvKernel,
+    sub: Option<u32>,
     relu: bool,
 ) -> Result<()> {
     let cout = weight.shape().0[1];
-    let sub = match kernel {
-        ConvKernel::Subgroup => subgroup_size_for(ctx, Conv3dVariant::Subgroup)?,
-        _ => None,
-    };
     // Every group reads the packing from `most - taps` on, `most` = the longest taps.
     let most: [usize; 3] =
         std::array::from_fn(|a| plan.groups.iter().map(|g| g.taps[a]).max().unwrap_or(1));
@@ -505,9 +596,10 @@ impl PhasePlan {
 
 const INTERLEAVE_SRC: &str = include_str!("../../shaders/conv_transpose3d_interleave.wgsl");
 /// The compiled forms of `conv_transpose3d_interleave.wgsl`: (entry point, sections).
-const MODULES: [(&str, &[&str]); 4] = [
+const MODULES: [(&str, &[&str]); 5] = [
     ("phase_weight", &["phase_weight"]),
     ("pack_phase_weights", &["pack_phase_weights"]),
+    ("pack_pair_weights", &["pack_pair_weights"]),
     ("interleave", &["interleave", "scalar"]),
     ("interleave_vec4", &["interleave", "vec4"]),
 ];
@@ -1033,6 +1125,30 @@ pub fn conv_transpose3d_pack_phase_weights_f64(
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// CPU reference of [`conv_transpose3d_pack_pair_weights`]: the packed vec4s as a flat
+/// list of values.
+pub fn conv_transpose3d_pack_pair_weights_f64(weight: &Array5<f64>, tc: usize) -> Vec<f64> {
+    let [cin, cout] = [weight.shape()[0], weight.shape()[1]];
+    let mut out = Vec::new();
+    for cot in 0..(8 * cout).div_ceil(tc) {
+        for ci4 in 0..cin.div_ceil(4) {
+            for c in 0..tc {
+                let j = cot * tc + c;
+                let (pw, co, q) = (j % 2, (j / 2) % cout, j / 2 / cout);
+                for k in 0..4 {
+                    let ci = ci4 * 4 + k;
+                    out.push(if q < 4 && ci < cin {
+                        weight[[ci, co, q / 2, q % 2, pw]]
+                    } else {
+                        0.0
+                    });
                 }
             }
         }
