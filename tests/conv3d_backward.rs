@@ -185,6 +185,17 @@ fn gradients_match_cpu_for_stride_two_and_asymmetric_padding() {
         ),
         42,
     );
+    // Convs that never read the last voxel of an axis (5, 7, 9 with k=2 s=2; 7 and 9
+    // with k=3 s=2 unpadded): the input gradient there is zero (the transposed conv's
+    // output_padding).
+    let unpadded = Conv3dSpec {
+        stride: [2; 3],
+        pad_lo: [0; 3],
+        pad_hi: [0; 3],
+        relu: false,
+    };
+    check_case(&ctx, &case([2, 2, 2], unpadded), 43);
+    check_case(&ctx, &case([3, 3, 3], unpadded), 44);
 }
 
 /// Finite differences in f64 on the CPU reference, with the conv inside a graph:

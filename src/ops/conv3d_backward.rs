@@ -18,6 +18,7 @@ use crate::ops::conv3d::{
 };
 use crate::ops::conv3d_gemm::{gemm_packed, GemmConv};
 use crate::ops::conv3d_pointwise;
+use crate::ops::conv_transpose3d::{conv_transpose3d_forward, ConvTranspose3dSpec};
 use crate::ops::params::{dispatch, uniform_u32};
 use crate::ops::reduce::{sum_chunks, sum_rows};
 use crate::ops::tune::{self, TuneSource};
@@ -49,7 +50,9 @@ fn check_grad_out(
 }
 
 /// Records `grad_in[:, range] = dL/dx` for `y = conv3d(x, weight)` given `grad_out = dL/dy`
-/// (overwrites the range).
+/// (overwrites the range). A strided conv's runs as the transposed conv it is, in the
+/// phase form (`conv_transpose3d_forward`: only the useful multiply-adds; the dilated
+/// form below does s^3 times as many).
 #[allow(clippy::too_many_arguments)]
 pub fn conv3d_backward_input(
     ctx: &GpuContext,
@@ -60,7 +63,49 @@ pub fn conv3d_backward_input(
     spec: &Conv3dSpec,
     variant: Conv3dVariant,
 ) -> Result<()> {
-    transposed_conv(ctx, rec, grad_out, weight, None, grad_in, spec, variant)
+    if spec.stride.iter().all(|&s| s == 1) {
+        return transposed_conv(ctx, rec, grad_out, weight, None, grad_in, spec, variant);
+    }
+    check_transposed(&grad_out, weight, &grad_in, spec)?;
+    let [_, _, kd, kh, kw] = weight.shape().0;
+    let tspec = input_gradient_spec(
+        grad_in.tensor.shape().spatial(),
+        grad_out.tensor.shape().spatial(),
+        [kd, kh, kw],
+        spec,
+    );
+    conv_transpose3d_forward(ctx, rec, grad_out, weight, None, grad_in, &tspec, variant)
+}
+
+/// The transposed conv whose output is the input gradient of `spec`'s conv from `input`
+/// to `output` extents: same stride, the conv's front padding cropped, and at the end
+/// the rest cropped or, where the conv never read the last voxels, zeros added
+/// (`output_padding`, < stride).
+pub fn input_gradient_spec(
+    input: [usize; 3],
+    output: [usize; 3],
+    kernel: [usize; 3],
+    spec: &Conv3dSpec,
+) -> ConvTranspose3dSpec {
+    let mut t = ConvTranspose3dSpec {
+        stride: spec.stride,
+        pad_lo: spec.pad_lo,
+        pad_hi: [0; 3],
+        output_padding: [0; 3],
+        relu: false,
+    };
+    for a in 0..3 {
+        // Full transposed extent minus the front crop, against the input extent.
+        let over = ((output[a] - 1) * spec.stride[a] + kernel[a]) as isize
+            - spec.pad_lo[a] as isize
+            - input[a] as isize;
+        if over >= 0 {
+            t.pad_hi[a] = over as usize;
+        } else {
+            t.output_padding[a] = (-over) as usize;
+        }
+    }
+    t
 }
 
 /// [`conv3d_backward_input`] with a concrete kernel (no tuning).
