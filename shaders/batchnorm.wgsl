@@ -15,11 +15,14 @@
 // `flag`: bn_partial: 1 = sum (x - mean)^2, 0 = sum x.
 //         bn_apply / bn_grad_finalize: 1 = eval mode (`stat` holds the running variance,
 //         invstd = 1 / sqrt(stat + eps)), 0 = training mode (`stat` holds invstd).
+// `relu`: BN followed by ReLU in the same passes: bn_apply clamps its output, and the
+//         backward entries read that output `y` and use dy only where y > 0 (no ReLU
+//         pass or tensor of its own in either direction).
 
 struct BnParams {
     n: u32, c: u32, vox: u32, chunk: u32,
     nchunk: u32, total: u32, flag: u32, eps: u32,
-    momentum: u32, var_scale: u32, count: u32, pad0: u32,
+    momentum: u32, var_scale: u32, count: u32, relu: u32,
 }
 
 var<workgroup> sh0: array<f32, 64>;
@@ -161,16 +164,27 @@ fn bn_apply(
     }
     let c = (i / apply_p.vox) % apply_p.c;
     let inv = inv_std(apply_stat[c], apply_p.flag, bitcast<f32>(apply_p.eps));
-    apply_y[i] = apply_gamma[c] * ((apply_x[i] - apply_mean[c]) * inv) + apply_beta[c];
+    var v = apply_gamma[c] * ((apply_x[i] - apply_mean[c]) * inv) + apply_beta[c];
+    if (apply_p.relu == 1u) {
+        // select, not max: NaN must propagate (see elementwise.wgsl).
+        v = select(v, 0.0, v < 0.0);
+    }
+    apply_y[i] = v;
 }
 
-// ---- bn_grad_partial: x, dy, mean, part. part[c * P + j] = sum dy,
-// part[C * P + c * P + j] = sum dy * (x - mean); one workgroup per item.
+// dy, or with `relu` dy where the fused output y > 0 (ReLU's gradient).
+fn masked(relu: u32, y: f32, dy: f32) -> f32 {
+    return select(dy, select(0.0, dy, y > 0.0), relu == 1u);
+}
+
+// ---- bn_grad_partial: x, dy, mean, part, y (read only with relu). part[c * P + j] =
+// sum dy, part[C * P + c * P + j] = sum dy * (x - mean); one workgroup per item.
 @group(0) @binding(0) var<storage, read> gpart_x: array<f32>;
 @group(0) @binding(1) var<storage, read> gpart_dy: array<f32>;
 @group(0) @binding(2) var<storage, read> gpart_mean: array<f32>;
 @group(0) @binding(3) var<storage, read_write> gpart_out: array<f32>;
-@group(0) @binding(4) var<uniform> gpart_p: BnParams;
+@group(0) @binding(4) var<storage, read> gpart_y: array<f32>;
+@group(0) @binding(5) var<uniform> gpart_p: BnParams;
 
 @compute @workgroup_size(64)
 fn bn_grad_partial(
@@ -193,7 +207,7 @@ fn bn_grad_partial(
     var s0 = 0.0;
     var s1 = 0.0;
     for (var j = start + lid; j < end; j += 64u) {
-        let d = gpart_dy[base + j];
+        let d = masked(gpart_p.relu, gpart_y[base + j], gpart_dy[base + j]);
         s0 += d;
         s1 += d * (gpart_x[base + j] - m);
     }
@@ -263,12 +277,13 @@ fn bn_grad_finalize(
     gfin_coef[4u * c + 3u] = u;
 }
 
-// ---- bn_grad_input: x, dy, coef, dx; one invocation per value.
+// ---- bn_grad_input: x, dy, coef, dx, y (read only with relu); one invocation per value.
 @group(0) @binding(0) var<storage, read> gin_x: array<f32>;
 @group(0) @binding(1) var<storage, read> gin_dy: array<f32>;
 @group(0) @binding(2) var<storage, read> gin_coef: array<f32>;
 @group(0) @binding(3) var<storage, read_write> gin_dx: array<f32>;
-@group(0) @binding(4) var<uniform> gin_p: BnParams;
+@group(0) @binding(4) var<storage, read> gin_y: array<f32>;
+@group(0) @binding(5) var<uniform> gin_p: BnParams;
 
 @compute @workgroup_size(64)
 fn bn_grad_input(
@@ -285,5 +300,5 @@ fn bn_grad_input(
     let s = gin_coef[4u * c + 1u];
     let m = gin_coef[4u * c + 2u];
     let u = gin_coef[4u * c + 3u];
-    gin_dx[i] = a * gin_dy[i] + s * (gin_x[i] - m) + u;
+    gin_dx[i] = a * masked(gin_p.relu, gin_y[i], gin_dy[i]) + s * (gin_x[i] - m) + u;
 }

@@ -743,3 +743,57 @@ fn channel_range_gradients_accumulate_into_their_range() {
         }
     }
 }
+
+#[test]
+fn fused_batchnorm_relu_equals_batchnorm_then_relu() {
+    // The training-mode fused op against the two ops it replaces (each checked against
+    // finite differences above): loss, input, gamma and beta gradients, and the
+    // running statistics it updates.
+    let ctx = gpu();
+    let mut rng = Rng::new(31);
+    let xs = Shape5::new(2, 3, 3, 4, 5);
+    let x = rng.vec_f32(xs.numel().unwrap(), -1.0, 1.0);
+    let labels: Vec<f32> = (0..2 * 60).map(|_| rng.below(3) as f32).collect();
+    let gamma = rng.vec_f32(3, 0.5, 1.5);
+    let beta = rng.vec_f32(3, -0.3, 0.3);
+    let run = |fused: bool| -> Vec<Vec<f32>> {
+        let c1 = Shape5::new(1, 3, 1, 1, 1);
+        let t = |v: &[f32], s: Shape5| Tensor::from_slice(&ctx, s, v, "t").unwrap();
+        let (rm, rv) = (Rc::new(t(&[0.0; 3], c1)), Rc::new(t(&[1.0; 3], c1)));
+        let mut g = Graph::new(&ctx, Mode::Train);
+        let xv = g.variable(t(&x, xs));
+        let gv = g.variable(t(&gamma, c1));
+        let bv = g.variable(t(&beta, c1));
+        let lv = g.input(t(&labels, Shape5::new(2, 1, 3, 4, 5)));
+        let spec = BatchNormSpec::keras();
+        let r = if fused {
+            g.batchnorm_relu(xv, gv, bv, rm.clone(), rv.clone(), spec)
+                .unwrap()
+        } else {
+            let y = g
+                .batchnorm(xv, gv, bv, rm.clone(), rv.clone(), spec)
+                .unwrap();
+            g.relu(y).unwrap()
+        };
+        let l = g.softmax_cross_entropy(r, lv).unwrap();
+        g.backward(l).unwrap();
+        g.submit();
+        let mut out = vec![g.value(l).unwrap().to_vec(&ctx).unwrap()];
+        for v in [xv, gv, bv] {
+            out.push(g.grad(v).unwrap().to_vec(&ctx).unwrap());
+        }
+        out.push(rm.to_vec(&ctx).unwrap());
+        out.push(rv.to_vec(&ctx).unwrap());
+        out.push(g.value(r).unwrap().to_vec(&ctx).unwrap());
+        out
+    };
+    let (a, b) = (run(true), run(false));
+    for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+        common::assert_close(p, q, 1e-5, 1e-6, &format!("output {i}"));
+    }
+    let clamped = a[6].iter().filter(|v| **v == 0.0).count();
+    assert!(
+        clamped > 90 && clamped < 270,
+        "{clamped} of 360 outputs clamped"
+    );
+}

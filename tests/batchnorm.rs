@@ -9,7 +9,8 @@ use common::{assert_close, gpu, random};
 use masnet_wgpu::ops::batchnorm::{
     batchnorm_backward, batchnorm_backward_f64, batchnorm_eval_backward,
     batchnorm_eval_backward_f64, batchnorm_eval_forward, batchnorm_eval_forward_f64,
-    batchnorm_fold, batchnorm_train_forward, batchnorm_train_forward_f64, BatchNormSpec,
+    batchnorm_fold, batchnorm_relu_backward, batchnorm_relu_train_forward, batchnorm_train_forward,
+    batchnorm_train_forward_f64, BatchNormSpec,
 };
 use masnet_wgpu::ops::conv3d::{conv3d_forward_f64, Conv3dSpec};
 use masnet_wgpu::rng::Rng;
@@ -519,4 +520,88 @@ fn realistic_size_matches_cpu() {
         "realistic size: {:?} (upload, GPU, readback, f64 reference)",
         t.elapsed()
     );
+}
+
+/// BN + ReLU fused in training (`batchnorm_relu_train_forward` / `_backward`): the
+/// forward equals relu(bn(x)) of the CPU reference and the backward its BN backward of
+/// dy masked to y > 0, with about half the outputs clamped; a small and a split-reduction
+/// shape.
+#[test]
+fn fused_relu_matches_bn_then_relu() {
+    let ctx = gpu();
+    for (shape, seed) in [([2, 3, 4, 5, 6], 900), ([1, 2, 40, 40, 40], 910)] {
+        let c = shape[1];
+        let spec = BatchNormSpec::keras();
+        let x = input(shape, seed);
+        let x64 = x.mapv(f64::from);
+        let gamma = rvec(c, 0.5, 1.5, seed + 1);
+        let beta = rvec(c, -0.5, 0.5, seed + 2);
+        let (rmean, rvar) = (vec![0.0; c], vec![1.0; c]);
+        let dy = random(shape, seed + 5);
+        let want = batchnorm_train_forward_f64(&x64, &gamma, &beta, &rmean, &rvar, &spec);
+        let want_y = want.y.mapv(|v| if v < 0.0 { 0.0 } else { v });
+        let clamped = want_y.iter().filter(|&&v| v == 0.0).count();
+        assert!(clamped > want_y.len() / 5 && clamped < want_y.len() * 4 / 5);
+        let dy_masked = ndarray::Zip::from(&dy).and(&want_y).map_collect(|&d, &y| {
+            if y > 0.0 {
+                f64::from(d)
+            } else {
+                0.0
+            }
+        });
+        let g = batchnorm_backward_f64(&x64, &dy_masked, &gamma, &want.mean, &want.invstd);
+
+        let s = Shape5(shape);
+        let xt = Tensor::from_array(&ctx, &x, "x").unwrap();
+        let dyt = Tensor::from_array(&ctx, &dy, "dy").unwrap();
+        let (gt, bt) = (chan(&ctx, &gamma, "gamma"), chan(&ctx, &beta, "beta"));
+        let (rmt, rvt) = (chan(&ctx, &rmean, "rm"), chan(&ctx, &rvar, "rv"));
+        let (sm, si) = (chan_zeros(&ctx, c, "sm"), chan_zeros(&ctx, c, "si"));
+        let y = Tensor::zeros(&ctx, s, "y").unwrap();
+        let dx = Tensor::zeros(&ctx, s, "dx").unwrap();
+        let (dg, db) = (chan_zeros(&ctx, c, "dg"), chan_zeros(&ctx, c, "db"));
+        let mut rec = ctx.recorder();
+        batchnorm_relu_train_forward(
+            &ctx, &mut rec, &xt, &gt, &bt, &rmt, &rvt, &spec, &y, &sm, &si,
+        )
+        .unwrap();
+        batchnorm_relu_backward(&ctx, &mut rec, &xt, &y, &dyt, &gt, &sm, &si, &dx, &dg, &db)
+            .unwrap();
+        ctx.submit(rec);
+        let what = format!("{shape:?}");
+        assert_close(
+            &y.to_vec(&ctx).unwrap(),
+            &flat(&want_y),
+            Y_TOL,
+            Y_TOL,
+            &what,
+        );
+        assert_close(
+            &dx.to_vec(&ctx).unwrap(),
+            &flat(&g.dx),
+            DX_TOL,
+            DX_TOL,
+            &what,
+        );
+        assert_close(
+            &dg.to_vec(&ctx).unwrap(),
+            &f32s(&g.dgamma),
+            SUM_RTOL,
+            SUM_ATOL,
+            &what,
+        );
+        assert_close(
+            &db.to_vec(&ctx).unwrap(),
+            &f32s(&g.dbeta),
+            SUM_RTOL,
+            SUM_ATOL,
+            &what,
+        );
+        // dx must not alias the output it masks by.
+        let mut rec = ctx.recorder();
+        let e = batchnorm_relu_backward(&ctx, &mut rec, &xt, &y, &dyt, &gt, &sm, &si, &y, &dg, &db)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("batchnorm_relu_backward"), "{e}");
+    }
 }

@@ -593,6 +593,60 @@ impl Graph<'_> {
         }
     }
 
+    /// `relu(batchnorm(x))`. In training mode one fused op: the ReLU runs in the BN's
+    /// apply pass and its mask inside the BN backward (no ReLU pass or tensor of its
+    /// own); eval mode composes the two ops.
+    pub fn batchnorm_relu(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        running_mean: Rc<Tensor>,
+        running_var: Rc<Tensor>,
+        spec: BatchNormSpec,
+    ) -> Result<Var> {
+        if self.mode != Mode::Train {
+            let y = self.batchnorm(x, gamma, beta, running_mean, running_var, spec)?;
+            let r = self.relu(y)?;
+            self.release(y)?;
+            return Ok(r);
+        }
+        let (xt, gt, bt) = (self.tensor(x)?, self.tensor(gamma)?, self.tensor(beta)?);
+        let ctx = self.ctx;
+        let y = Rc::new(empty(ctx, xt.shape(), "batchnorm_relu")?);
+        let c1 = Shape5::new(1, xt.shape().c(), 1, 1, 1);
+        let mean = empty(ctx, c1, "bn saved mean")?;
+        let invstd = empty(ctx, c1, "bn saved invstd")?;
+        batchnorm::batchnorm_relu_train_forward(
+            ctx,
+            &mut self.rec,
+            &xt,
+            &gt,
+            &bt,
+            &running_mean,
+            &running_var,
+            &spec,
+            &y,
+            &mean,
+            &invstd,
+        )?;
+        let saved_y = y.clone();
+        self.push(
+            "batchnorm_relu",
+            y,
+            &[x, gamma, beta],
+            move |ctx, rec, gy, _| {
+                let dx = empty(ctx, xt.shape(), "bn dx")?;
+                let dg = empty(ctx, c1, "bn dgamma")?;
+                let db = empty(ctx, c1, "bn dbeta")?;
+                batchnorm::batchnorm_relu_backward(
+                    ctx, rec, &xt, &saved_y, gy, &gt, &mean, &invstd, &dx, &dg, &db,
+                )?;
+                Ok(vec![Some(dx), Some(dg), Some(db)])
+            },
+        )
+    }
+
     /// Max pooling; the arg-max is saved for backward (ties go to the first voxel).
     pub fn maxpool3d(&mut self, x: Var, spec: PoolSpec) -> Result<Var> {
         let xt = self.tensor(x)?;

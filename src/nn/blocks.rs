@@ -123,9 +123,9 @@ impl ConvBn {
         offset: usize,
     ) -> Result<Var> {
         match &self.bn {
-            Some(_) => {
-                let y = self.forward(g, s, x, offset)?;
-                let r = g.relu(y)?;
+            Some(bn) => {
+                let y = self.conv.forward_from(g, s, x, offset)?;
+                let r = bn.forward_relu(g, s, y)?;
                 g.release(y)?;
                 Ok(r)
             }

@@ -403,15 +403,10 @@ impl Dunet {
                 }
                 let t = u.up.forward(g, s, h)?;
                 g.release(h)?;
-                let t = match &u.bn {
-                    Some(bn) => {
-                        let y = bn.forward(g, s, t)?;
-                        g.release(t)?;
-                        y
-                    }
-                    None => t,
+                let r = match &u.bn {
+                    Some(bn) => bn.forward_relu(g, s, t)?,
+                    None => g.relu(t)?,
                 };
-                let r = g.relu(t)?;
                 g.release(t)?;
                 parts = vec![first, Part::Value(r)];
             } else {

@@ -250,6 +250,15 @@ impl BatchNorm {
         g.batchnorm(x, gamma, beta, mean, var, self.spec)
     }
 
+    /// `relu(forward(x))`, fused in training graphs (`Graph::batchnorm_relu`).
+    pub fn forward_relu(&self, g: &mut Graph<'_>, store: &ParamStore, x: Var) -> Result<Var> {
+        let gamma = g.param(store, self.weight)?;
+        let beta = g.param(store, self.bias)?;
+        let mean = store.tensor(self.running_mean)?.clone();
+        let var = store.tensor(self.running_var)?.clone();
+        g.batchnorm_relu(x, gamma, beta, mean, var, self.spec)
+    }
+
     /// Eval-mode `(scale, shift)` per channel: `bn(x) = scale * x + shift`.
     pub fn affine(&self, ctx: &GpuContext, store: &ParamStore) -> Result<(Vec<f32>, Vec<f32>)> {
         let gamma = store.read(ctx, self.weight)?;

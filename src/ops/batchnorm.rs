@@ -139,6 +139,13 @@ impl Geo {
         Ok(v)
     }
 
+    /// [`Geo::params`] with the fused ReLU flag set.
+    fn params_relu(&self, total: usize, flag: u32, eps: f32, relu: bool) -> Result<Vec<u32>> {
+        let mut v = self.params(total, flag, eps, 0.0, 1.0)?;
+        v[11] = u32::from(relu);
+        Ok(v)
+    }
+
     /// Partial-sum tensor of `sets` x C x (N·nchunk) values.
     fn partials(&self, ctx: &GpuContext, sets: usize) -> Result<Tensor> {
         Tensor::empty(
@@ -207,7 +214,48 @@ pub fn batchnorm_train_forward(
     save_mean: &Tensor,
     save_invstd: &Tensor,
 ) -> Result<()> {
-    let op = "batchnorm_train_forward";
+    let stats = [running_mean, running_var, save_mean, save_invstd];
+    train_forward(ctx, rec, x, gamma, beta, stats, spec, y, false)
+}
+
+/// [`batchnorm_train_forward`] then ReLU, in the same pass: `y = relu(bn(x))`.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_relu_train_forward(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    spec: &BatchNormSpec,
+    y: &Tensor,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+) -> Result<()> {
+    let stats = [running_mean, running_var, save_mean, save_invstd];
+    train_forward(ctx, rec, x, gamma, beta, stats, spec, y, true)
+}
+
+/// The training forward; `stats` = running mean, running variance, saved mean, saved
+/// invstd.
+#[allow(clippy::too_many_arguments)]
+fn train_forward(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    [running_mean, running_var, save_mean, save_invstd]: [&Tensor; 4],
+    spec: &BatchNormSpec,
+    y: &Tensor,
+    relu: bool,
+) -> Result<()> {
+    let op = if relu {
+        "batchnorm_relu_train_forward"
+    } else {
+        "batchnorm_train_forward"
+    };
     spec.validate(op)?;
     same_shape(op, x, y)?;
     per_channel(
@@ -247,7 +295,7 @@ pub fn batchnorm_train_forward(
     let p_sum = g.params(items, 0, spec.eps, spec.momentum, var_scale)?;
     let p_sq = g.params(items, 1, spec.eps, spec.momentum, var_scale)?;
     let p_ch = g.params(g.c, 0, spec.eps, spec.momentum, var_scale)?;
-    let p_all = g.params(x.shape().numel()?, 0, spec.eps, spec.momentum, var_scale)?;
+    let p_all = g.params_relu(x.shape().numel()?, 0, spec.eps, relu)?;
     // Mean: partial sums of x, then per channel.
     launch(
         ctx,
@@ -363,12 +411,19 @@ fn backward(
     stat: &Tensor,
     eps: f32,
     eval: bool,
+    relu_y: Option<&Tensor>,
     dx: &Tensor,
     dgamma: &Tensor,
     dbeta: &Tensor,
 ) -> Result<()> {
     same_shape(op, x, dy)?;
     same_shape(op, x, dx)?;
+    if let Some(y) = relu_y {
+        same_shape(op, x, y)?;
+        check_outputs(op, &[dx], &[y])?;
+    }
+    // Without the ReLU the kernels never read `y`; dy stands in for the binding.
+    let (relu, y) = (relu_y.is_some(), relu_y.unwrap_or(dy));
     per_channel(op, x, &[gamma, mean, stat, dgamma, dbeta])?;
     check_outputs(op, &[dx, dgamma, dbeta], &[x, dy, gamma, mean, stat])?;
     let g = Geo::of(x)?;
@@ -391,8 +446,9 @@ fn backward(
             Arg::Read(dy),
             Arg::Read(mean),
             Arg::Write(&part),
+            Arg::Read(y),
         ],
-        &g.params(items, flag, eps, 0.0, 1.0)?,
+        &g.params_relu(items, flag, eps, relu)?,
         items * 64,
     )?;
     launch(
@@ -422,8 +478,9 @@ fn backward(
             Arg::Read(dy),
             Arg::Read(&coef),
             Arg::Write(dx),
+            Arg::Read(y),
         ],
-        &g.params(total, flag, eps, 0.0, 1.0)?,
+        &g.params_relu(total, flag, eps, relu)?,
         total,
     )
 }
@@ -455,6 +512,41 @@ pub fn batchnorm_backward(
         save_invstd,
         1.0,
         false,
+        None,
+        dx,
+        dgamma,
+        dbeta,
+    )
+}
+
+/// The training backward of [`batchnorm_relu_train_forward`] from its output `y`: the
+/// same as [`batchnorm_backward`] of `dy` masked to `y > 0`, in the same passes.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_relu_backward(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+    dx: &Tensor,
+    dgamma: &Tensor,
+    dbeta: &Tensor,
+) -> Result<()> {
+    backward(
+        "batchnorm_relu_backward",
+        ctx,
+        rec,
+        x,
+        dy,
+        gamma,
+        save_mean,
+        save_invstd,
+        1.0,
+        false,
+        Some(y),
         dx,
         dgamma,
         dbeta,
@@ -492,6 +584,7 @@ pub fn batchnorm_eval_backward(
         running_var,
         eps,
         true,
+        None,
         dx,
         dgamma,
         dbeta,
