@@ -315,7 +315,7 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
     }
     if wants(BenchSuite::Train) {
         let b2 = bench_train_step(&ctx, 2, args.reps).context("benchmark training step")?;
-        let mut points = vec![(2, b2.peak_mib.unwrap_or(0.0))];
+        let mut points: Vec<(usize, f64)> = b2.peak_mib.map(|m| (2, m)).into_iter().collect();
         extra.push(b2);
         match bench_train_step(&ctx, 16, args.reps) {
             Ok(r) => extra.push(r),
@@ -326,7 +326,7 @@ fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<()> {
                 for batch in [1, 4] {
                     match bench_train_step(&ctx, batch, args.reps) {
                         Ok(r) => {
-                            points.push((batch, r.peak_mib.unwrap_or(0.0)));
+                            points.extend(r.peak_mib.map(|m| (batch, m)));
                             extra.push(r);
                         }
                         Err(masnet_wgpu::Error::Limit(why)) => {

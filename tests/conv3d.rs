@@ -513,6 +513,28 @@ fn pointwise_into_convs_matches_the_cpu_chain() {
             vec![r(2, 6, 3, [3; 3], same([3; 3]), 0)],
             false,
         ),
+        // One ending inside a group (the next range's values would ride along).
+        (
+            1,
+            5,
+            0,
+            5,
+            8,
+            [4, 4, 4],
+            vec![r(0, 6, 3, [3; 3], same([3; 3]), 0)],
+            false,
+        ),
+        // A voxel count the pointwise kernel cannot tile (3 voxels): two-step form.
+        (
+            2,
+            5,
+            0,
+            5,
+            8,
+            [1, 1, 3],
+            vec![r(0, 8, 3, [3; 3], same([3; 3]), 0)],
+            false,
+        ),
     ];
     for (i, (n, ctot, in_off, cin, mid, size, readers, fusable)) in cases.iter().enumerate() {
         let seed = 300 + 10 * i as u64;

@@ -196,6 +196,22 @@ fn gradients_match_cpu_for_stride_two_and_asymmetric_padding() {
     };
     check_case(&ctx, &case([2, 2, 2], unpadded), 43);
     check_case(&ctx, &case([3, 3, 3], unpadded), 44);
+    // k=2 s=2 padded in front on even extents, Cin 8 and the gradient's W 4: the
+    // transposed conv of the input gradient has twice the gradient's extents but a
+    // front crop.
+    let front = Conv3dSpec {
+        stride: [2; 3],
+        pad_lo: [1; 3],
+        pad_hi: [0; 3],
+        relu: false,
+    };
+    let c = Case {
+        cin_total: 9,
+        cin: 8,
+        size: [4, 6, 8],
+        ..case([2, 2, 2], front)
+    };
+    check_case(&ctx, &c, 45);
 }
 
 /// Finite differences in f64 on the CPU reference, with the conv inside a graph:

@@ -870,4 +870,15 @@ fn k2_s2_pairs_form() {
     ] {
         check_forward_channels(input, [2; 3], spec, seed, relu, cout);
     }
+    // Front cropping with output padding also gives twice the input, but shifted by a
+    // voxel: the phase form runs it (the input gradient of a k=2 s=2 conv padded in
+    // front is this transposed conv).
+    let cropped = ConvTranspose3dSpec {
+        stride: [2; 3],
+        pad_lo: [1; 3],
+        pad_hi: [0; 3],
+        output_padding: [1; 3],
+        relu: false,
+    };
+    check_forward_channels([2, 3, 4], [2; 3], cropped, 750, false, 8);
 }

@@ -80,8 +80,9 @@ pub fn conv3d_backward_input(
 /// The transposed conv whose output is the input gradient of `spec`'s conv from `input`
 /// to `output` extents: same stride, the conv's front padding cropped, and at the end
 /// the rest cropped or, where the conv never read the last voxels, zeros added
-/// (`output_padding`, < stride).
-pub fn input_gradient_spec(
+/// (`output_padding`, < stride). `output` must be the conv's output for `input` (the
+/// caller checked the shapes).
+pub(crate) fn input_gradient_spec(
     input: [usize; 3],
     output: [usize; 3],
     kernel: [usize; 3],
@@ -108,7 +109,9 @@ pub fn input_gradient_spec(
     t
 }
 
-/// [`conv3d_backward_input`] with a concrete kernel (no tuning).
+/// [`conv3d_backward_input`] with a concrete kernel (no tuning), always in the form
+/// that runs the forward kernel on the gradient (dilated by the stride when it is > 1;
+/// the tuned entry point runs strided cases as phase-form transposed convs instead).
 pub fn conv3d_backward_input_kernel(
     ctx: &GpuContext,
     rec: &mut Recorder,

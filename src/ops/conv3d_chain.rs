@@ -33,9 +33,10 @@ pub struct ChainedConv<'a> {
 /// Records `y = pointwise(input) (+ bias) (ReLU per spec)` and then every `convs[i]` on
 /// its channel range of `y`, all with `variant` (`Auto`: the tuner's choice per conv).
 /// Runs the fused form when every kernel is register-tiled (not the GEMM family), each
-/// range starts on a 4-channel boundary, no reader is itself 1x1x1, the pointwise tile
-/// is a multiple of 4 channels and W a multiple of 4; otherwise `y` is a temporary and
-/// each conv runs as usual (same results). Returns whether the fused form ran.
+/// range starts and ends on a 4-channel boundary (or ends at the last channel), no
+/// reader is itself 1x1x1, the pointwise tile is a multiple of 4 channels and W and the
+/// voxel count are multiples of 4; otherwise `y` is a temporary and each conv runs as
+/// usual (same results). Returns whether the fused form ran.
 #[allow(clippy::too_many_arguments)]
 pub fn pointwise_into_convs(
     ctx: &GpuContext,
@@ -49,7 +50,6 @@ pub fn pointwise_into_convs(
 ) -> Result<bool> {
     let s = input.tensor.shape();
     let cout = weight.shape().0[0];
-    let [d, h, w] = s.spatial();
     let bias_len = |b: Option<&Tensor>| b.map(|b| b.shape().numel()).transpose();
     let yshape = conv3d_check(
         s,
@@ -59,7 +59,11 @@ pub fn pointwise_into_convs(
         spec,
     )?;
     let [_, _, kd, kh, kw] = weight.shape().0;
-    if !conv3d_pointwise::applies([kd, kh, kw], spec, d * h * w) {
+    if [kd, kh, kw] != [1; 3]
+        || spec.stride != [1; 3]
+        || spec.pad_lo != [0; 3]
+        || spec.pad_hi != [0; 3]
+    {
         return Err(Error::InvalidArgument(format!(
             "pointwise_into_convs: '{}' {} is not a 1x1x1 stride-1 unpadded conv",
             weight.name,
@@ -141,7 +145,11 @@ fn fused_plan(
     let cout = yshape.c();
     let size = yshape.spatial();
     let (tc, _) = conv3d_pointwise::tile_for(cout);
-    if !tc.is_multiple_of(4) || !size[2].is_multiple_of(4) {
+    let voxels = size.iter().product::<usize>();
+    if !tc.is_multiple_of(4)
+        || !size[2].is_multiple_of(4)
+        || !conv3d_pointwise::applies([1; 3], spec, voxels)
+    {
         return Ok(None);
     }
     let in_shape = Shape5::new(yshape.n(), weight.shape().0[1], size[0], size[1], size[2]);
@@ -161,9 +169,15 @@ fn fused_plan(
         let [_, cin, kd, kh, kw] = c.weight.shape().0;
         let ishape = Shape5::new(yshape.n(), cin, size[0], size[1], size[2]);
         let k = choose(ishape, c.weight, c.bias.is_some(), &c.spec)?;
+        // A range must also end on a 4-channel boundary (or at the end, where the
+        // packing's extra channels are zero): otherwise its last group would carry the
+        // next range's values into this conv (times zero weights, but a NaN would
+        // survive that).
+        let end = c.in_offset + cin;
         if matches!(k, ConvKernel::Gemm(_))
             || !c.in_offset.is_multiple_of(4)
-            || conv3d_pointwise::applies([kd, kh, kw], &c.spec, size.iter().product())
+            || !(end.is_multiple_of(4) || end == cout)
+            || conv3d_pointwise::applies([kd, kh, kw], &c.spec, voxels)
         {
             return Ok(None);
         }

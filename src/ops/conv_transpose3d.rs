@@ -280,15 +280,19 @@ pub fn conv_transpose3d_forward(
 
 /// The channel tile of the pairs form of a k = s = 2 transposed conv (see
 /// [`forward_pairs`]), where it applies: kernel 2 and stride 2 on every axis, no
-/// cropping (output twice the input), input W a multiple of 4, Cout a multiple of 4.
+/// front cropping (pad_lo 0) and output twice the input, input W a multiple of 4, Cout a
+/// multiple of 4.
 fn pairs_tile(
     plan: &PhasePlan,
     cout: usize,
     input: [usize; 3],
     output: [usize; 3],
 ) -> Option<usize> {
+    // Output position o takes class o mod 2 of input voxel o div 2 only without front
+    // cropping (the pairs epilogue stores at 2u + class).
     let applies = plan.kernel == [2; 3]
         && plan.stride == [2; 3]
+        && plan.pad_lo == [0; 3]
         && output == input.map(|v| 2 * v)
         && input[2].is_multiple_of(4);
     // Both W classes of TC / 2 channels of one class pair per tile, whole 8-lane blocks.
