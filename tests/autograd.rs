@@ -797,3 +797,54 @@ fn fused_batchnorm_relu_equals_batchnorm_then_relu() {
         "{clamped} of 360 outputs clamped"
     );
 }
+
+#[test]
+fn conv_bn_relu_inference_holds_two_activations() {
+    // An eval-mode no-grad chain of conv + BN + ReLU layers: each layer's conv output is
+    // released before its ReLU runs. Live at most: the input (never released), the
+    // layer's input, and two of conv output / BN output / ReLU output: four activations
+    // (five if the ReLU ran while the conv output was still held).
+    use masnet_wgpu::nn::blocks::ConvBn;
+    use masnet_wgpu::nn::layers::Builder;
+    let ctx = gpu();
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(41);
+    let layers: Vec<ConvBn> = (0..4)
+        .map(|i| {
+            ConvBn::new(
+                &mut Builder::new(&ctx, &mut store, &mut rng).sub(&format!("l{i}")),
+                8,
+                8,
+                1,
+                1,
+            )
+            .unwrap()
+        })
+        .collect();
+    let xs = Shape5::new(1, 8, 16, 16, 16);
+    let act = (xs.numel().unwrap() * 4) as u64;
+    let x = rng.vec_f32(xs.numel().unwrap(), -1.0, 1.0);
+    ctx.wait().unwrap();
+    let before = ctx.pool.memory().in_use;
+    ctx.pool.reset_peak();
+    let mut g = Graph::no_grad(&ctx, Mode::Eval);
+    let mut h = g.input(Tensor::from_slice(&ctx, xs, &x, "x").unwrap());
+    for (i, l) in layers.iter().enumerate() {
+        let next = l.forward_relu(&mut g, &store, h, 0).unwrap();
+        if i > 0 {
+            g.release(h).unwrap();
+        }
+        h = next;
+    }
+    g.submit();
+    ctx.wait().unwrap();
+    let peak = ctx.pool.memory().peak_in_use.saturating_sub(before);
+    assert!(
+        peak < 4 * act + act / 2,
+        "peak {peak} bytes, activation {act}"
+    );
+    assert!(
+        peak >= 4 * act,
+        "peak {peak} bytes, activation {act}: fewer than expected"
+    );
+}

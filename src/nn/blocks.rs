@@ -125,9 +125,7 @@ impl ConvBn {
         match &self.bn {
             Some(bn) => {
                 let y = self.conv.forward_from(g, s, x, offset)?;
-                let r = bn.forward_relu(g, s, y)?;
-                g.release(y)?;
-                Ok(r)
+                bn.forward_relu_release(g, s, y)
             }
             None => self.conv.forward_from_relu(g, s, x, offset, true),
         }

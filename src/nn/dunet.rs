@@ -404,10 +404,13 @@ impl Dunet {
                 let t = u.up.forward(g, s, h)?;
                 g.release(h)?;
                 let r = match &u.bn {
-                    Some(bn) => bn.forward_relu(g, s, t)?,
-                    None => g.relu(t)?,
+                    Some(bn) => bn.forward_relu_release(g, s, t)?,
+                    None => {
+                        let r = g.relu(t)?;
+                        g.release(t)?;
+                        r
+                    }
                 };
-                g.release(t)?;
                 parts = vec![first, Part::Value(r)];
             } else {
                 parts = vec![Part::Value(h)];

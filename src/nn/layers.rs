@@ -1,7 +1,7 @@
 //! Basic layers over the tape: convolution, batch norm, transposed convolution, and the
 //! builder that creates their parameters under dotted names.
 
-use crate::autograd::{Graph, ParamId, ParamKind, ParamStore, Var};
+use crate::autograd::{Graph, Mode, ParamId, ParamKind, ParamStore, Var};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::init::Init;
@@ -250,13 +250,29 @@ impl BatchNorm {
         g.batchnorm(x, gamma, beta, mean, var, self.spec)
     }
 
-    /// `relu(forward(x))`, fused in training graphs (`Graph::batchnorm_relu`).
-    pub fn forward_relu(&self, g: &mut Graph<'_>, store: &ParamStore, x: Var) -> Result<Var> {
+    /// `relu(forward(x))` for a caller that is done with `x` (released here): fused in
+    /// training graphs (`Graph::batchnorm_relu`); in eval graphs `x` is released before
+    /// the ReLU runs, so inference holds two activations at a time, not three.
+    pub fn forward_relu_release(
+        &self,
+        g: &mut Graph<'_>,
+        store: &ParamStore,
+        x: Var,
+    ) -> Result<Var> {
+        if g.mode() != Mode::Train {
+            let z = self.forward(g, store, x)?;
+            g.release(x)?;
+            let r = g.relu(z)?;
+            g.release(z)?;
+            return Ok(r);
+        }
         let gamma = g.param(store, self.weight)?;
         let beta = g.param(store, self.bias)?;
         let mean = store.tensor(self.running_mean)?.clone();
         let var = store.tensor(self.running_var)?.clone();
-        g.batchnorm_relu(x, gamma, beta, mean, var, self.spec)
+        let r = g.batchnorm_relu(x, gamma, beta, mean, var, self.spec)?;
+        g.release(x)?;
+        Ok(r)
     }
 
     /// Eval-mode `(scale, shift)` per channel: `bn(x) = scale * x + shift`.
