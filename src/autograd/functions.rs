@@ -529,68 +529,44 @@ impl Graph<'_> {
         running_var: Rc<Tensor>,
         spec: BatchNormSpec,
     ) -> Result<Var> {
+        if self.mode == Mode::Train {
+            return self.batchnorm_train(x, gamma, beta, [running_mean, running_var], spec, false);
+        }
         let (xt, gt, bt) = (self.tensor(x)?, self.tensor(gamma)?, self.tensor(beta)?);
         let ctx = self.ctx;
         let y = Rc::new(empty(ctx, xt.shape(), "batchnorm")?);
         let c1 = Shape5::new(1, xt.shape().c(), 1, 1, 1);
-        if self.mode == Mode::Train {
-            let mean = empty(ctx, c1, "bn saved mean")?;
-            let invstd = empty(ctx, c1, "bn saved invstd")?;
-            batchnorm::batchnorm_train_forward(
+        let eps = spec.eps;
+        batchnorm::batchnorm_eval_forward(
+            ctx,
+            &mut self.rec,
+            &xt,
+            &gt,
+            &bt,
+            &running_mean,
+            &running_var,
+            eps,
+            &y,
+        )?;
+        self.push("batchnorm", y, &[x, gamma, beta], move |ctx, rec, gy, _| {
+            let dx = empty(ctx, xt.shape(), "bn dx")?;
+            let dg = empty(ctx, c1, "bn dgamma")?;
+            let db = empty(ctx, c1, "bn dbeta")?;
+            batchnorm::batchnorm_eval_backward(
                 ctx,
-                &mut self.rec,
+                rec,
                 &xt,
+                gy,
                 &gt,
-                &bt,
-                &running_mean,
-                &running_var,
-                &spec,
-                &y,
-                &mean,
-                &invstd,
-            )?;
-            self.push("batchnorm", y, &[x, gamma, beta], move |ctx, rec, gy, _| {
-                let dx = empty(ctx, xt.shape(), "bn dx")?;
-                let dg = empty(ctx, c1, "bn dgamma")?;
-                let db = empty(ctx, c1, "bn dbeta")?;
-                batchnorm::batchnorm_backward(
-                    ctx, rec, &xt, gy, &gt, &mean, &invstd, &dx, &dg, &db,
-                )?;
-                Ok(vec![Some(dx), Some(dg), Some(db)])
-            })
-        } else {
-            let eps = spec.eps;
-            batchnorm::batchnorm_eval_forward(
-                ctx,
-                &mut self.rec,
-                &xt,
-                &gt,
-                &bt,
                 &running_mean,
                 &running_var,
                 eps,
-                &y,
+                &dx,
+                &dg,
+                &db,
             )?;
-            self.push("batchnorm", y, &[x, gamma, beta], move |ctx, rec, gy, _| {
-                let dx = empty(ctx, xt.shape(), "bn dx")?;
-                let dg = empty(ctx, c1, "bn dgamma")?;
-                let db = empty(ctx, c1, "bn dbeta")?;
-                batchnorm::batchnorm_eval_backward(
-                    ctx,
-                    rec,
-                    &xt,
-                    gy,
-                    &gt,
-                    &running_mean,
-                    &running_var,
-                    eps,
-                    &dx,
-                    &dg,
-                    &db,
-                )?;
-                Ok(vec![Some(dx), Some(dg), Some(db)])
-            })
-        }
+            Ok(vec![Some(dx), Some(dg), Some(db)])
+        })
     }
 
     /// `relu(batchnorm(x))`. In training mode one fused op: the ReLU runs in the BN's
@@ -611,13 +587,33 @@ impl Graph<'_> {
             self.release(y)?;
             return Ok(r);
         }
+        self.batchnorm_train(x, gamma, beta, [running_mean, running_var], spec, true)
+    }
+
+    /// Training-mode BN (batch statistics, running ones updated), with the ReLU fused
+    /// when `relu`; backward holds x, the saved statistics and (with the ReLU) y.
+    fn batchnorm_train(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        [running_mean, running_var]: [Rc<Tensor>; 2],
+        spec: BatchNormSpec,
+        relu: bool,
+    ) -> Result<Var> {
         let (xt, gt, bt) = (self.tensor(x)?, self.tensor(gamma)?, self.tensor(beta)?);
         let ctx = self.ctx;
-        let y = Rc::new(empty(ctx, xt.shape(), "batchnorm_relu")?);
+        let op = if relu { "batchnorm_relu" } else { "batchnorm" };
+        let y = Rc::new(empty(ctx, xt.shape(), op)?);
         let c1 = Shape5::new(1, xt.shape().c(), 1, 1, 1);
         let mean = empty(ctx, c1, "bn saved mean")?;
         let invstd = empty(ctx, c1, "bn saved invstd")?;
-        batchnorm::batchnorm_relu_train_forward(
+        let forward = if relu {
+            batchnorm::batchnorm_relu_train_forward
+        } else {
+            batchnorm::batchnorm_train_forward
+        };
+        forward(
             ctx,
             &mut self.rec,
             &xt,
@@ -630,21 +626,21 @@ impl Graph<'_> {
             &mean,
             &invstd,
         )?;
-        let saved_y = y.clone();
-        self.push(
-            "batchnorm_relu",
-            y,
-            &[x, gamma, beta],
-            move |ctx, rec, gy, _| {
-                let dx = empty(ctx, xt.shape(), "bn dx")?;
-                let dg = empty(ctx, c1, "bn dgamma")?;
-                let db = empty(ctx, c1, "bn dbeta")?;
-                batchnorm::batchnorm_relu_backward(
-                    ctx, rec, &xt, &saved_y, gy, &gt, &mean, &invstd, &dx, &dg, &db,
-                )?;
-                Ok(vec![Some(dx), Some(dg), Some(db)])
-            },
-        )
+        let saved_y = relu.then(|| y.clone());
+        self.push(op, y, &[x, gamma, beta], move |ctx, rec, gy, _| {
+            let dx = empty(ctx, xt.shape(), "bn dx")?;
+            let dg = empty(ctx, c1, "bn dgamma")?;
+            let db = empty(ctx, c1, "bn dbeta")?;
+            match &saved_y {
+                Some(y) => batchnorm::batchnorm_relu_backward(
+                    ctx, rec, &xt, y, gy, &gt, &mean, &invstd, &dx, &dg, &db,
+                )?,
+                None => batchnorm::batchnorm_backward(
+                    ctx, rec, &xt, gy, &gt, &mean, &invstd, &dx, &dg, &db,
+                )?,
+            }
+            Ok(vec![Some(dx), Some(dg), Some(db)])
+        })
     }
 
     /// Max pooling; the arg-max is saved for backward (ties go to the first voxel).
